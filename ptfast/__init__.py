@@ -1,0 +1,26 @@
+"""ptfast: fused attention, masked-LM loss and conv+bias+ReLU(+pool) for BERT- and VGG-style training.
+
+``import ptfast`` never initializes CUDA and never imports triton, transformers or torchvision.
+"""
+
+from ptfast import nn  # noqa: E402  (after the ops it wraps)
+from ptfast._dispatch import BackendNotSupportedError, requested_backend, use_backend
+from ptfast.ops.attention import attention, attention_varlen
+from ptfast.ops.conv import conv_relu, conv_relu_pool
+from ptfast.ops.masked_lm_loss import masked_lm_loss
+from ptfast.patching import patch  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError",
+    "attention",
+    "attention_varlen",
+    "conv_relu",
+    "conv_relu_pool",
+    "masked_lm_loss",
+    "nn",
+    "patch",
+    "requested_backend",
+    "use_backend",
+]

@@ -1,0 +1,67 @@
+"""The Triton backend: shared availability checks (triton is optional and never imported by ``import ptfast``).
+
+Triton kernels run on CUDA tensors of compute capability 8.0 or newer, or on CPU tensors when
+``TRITON_INTERPRET=1`` was set before triton was imported (the test suite's interpreter tier).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _import_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton: the triton package is not installed (pip install 'ptfast[triton]')"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # a broken install must not take the torch backend down
+        return f"triton: importing triton failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.cache
+def _capability_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < MIN_CAPABILITY:
+        return f"triton: GPU compute capability {major}.{minor} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+    return None
+
+
+def device_reason(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` (``None`` if they can)."""
+    reason = _import_reason()
+    if reason is not None:
+        return reason
+    if device.type == "cuda":
+        if interpreter_enabled():
+            return "triton: TRITON_INTERPRET=1 runs kernels on CPU tensors only"
+        return _capability_reason(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return "triton: CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
+    return f"triton: device type {device.type!r} is not supported"
+
+
+def usable_reason() -> str | None:
+    """Whether this process can run Triton kernels at all (for env_report)."""
+    reason = _import_reason()
+    if reason is not None:
+        return reason
+    if interpreter_enabled():
+        return None
+    if not torch.cuda.is_available():
+        return "triton: no CUDA GPU visible (and TRITON_INTERPRET is not set)"
+    return _capability_reason(torch.cuda.current_device())

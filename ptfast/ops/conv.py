@@ -1,0 +1,187 @@
+"""``ptfast.conv_relu`` / ``ptfast.conv_relu_pool``: relu(conv2d(x, w, b)) and its 2x2 max-pooled form.
+
+Registered ops (one definition each, all backends behind them):
+
+* ``ptfast::conv_relu(x, weight, bias, padding, pool, need_argmax, backend) -> (out, argmax)``
+  ``out``: ``(N, Cout, Hc, Wc)`` or pooled ``(N, Cout, Hc//2, Wc//2)`` in x's memory format;
+  ``argmax``: uint8 window offset (row-major 0..3) per pooled element, or an empty tensor when not needed.
+* ``ptfast::conv_relu_backward(...) -> (dx, dweight, dbias)`` (empty tensors for gradients not asked for).
+
+Autocast: x, weight and bias are cast to the autocast dtype (like ``conv2d``); the output has that dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ptfast import _dispatch, _validation
+from ptfast.backends import Unimplemented
+from ptfast.backends.torch import conv as torch_conv
+
+_IMPLS = {
+    "torch": torch_conv,
+    "triton": Unimplemented("triton", "conv_relu"),
+    "cuda": Unimplemented("cuda", "conv_relu"),
+}
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+def _op_name(pool: bool) -> str:
+    return "conv_relu_pool" if pool else "conv_relu"
+
+
+def _conv_hw(x_shape, weight_shape, padding: int) -> tuple[int, int]:
+    return (x_shape[2] + 2 * padding - weight_shape[2] + 1, x_shape[3] + 2 * padding - weight_shape[3] + 1)
+
+
+@torch.library.custom_op("ptfast::conv_relu", mutates_args=())
+def _conv_relu_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, pool: bool, need_argmax: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    _dispatch.record(_op_name(pool), backend, "forward")
+    return _IMPLS[backend].forward(x, weight, bias, padding, pool, need_argmax)
+
+
+@_conv_relu_op.register_fake
+def _(x, weight, bias, padding, pool, need_argmax, backend):
+    hc, wc = _conv_hw(x.shape, weight.shape, padding)
+    shape = (x.shape[0], weight.shape[0], hc // 2, wc // 2) if pool else (x.shape[0], weight.shape[0], hc, wc)
+    fmt = torch_conv.memory_format(x)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    if need_argmax and pool:
+        return out, torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt)
+    return out, x.new_empty(0, dtype=torch.uint8)
+
+
+@torch.library.custom_op("ptfast::conv_relu_backward", mutates_args=())
+def _conv_relu_backward_op(
+    grad: Tensor,
+    out: Tensor,
+    argmax: Tensor,
+    x: Tensor | None,
+    weight: Tensor,
+    x_shape: list[int],
+    padding: int,
+    pool: bool,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _dispatch.record(_op_name(pool), backend, "backward")
+    dx, dw, db = _IMPLS[backend].backward(
+        grad, out, argmax, x, weight, x_shape, padding, pool, (need_dx, need_dweight, need_dbias)
+    )
+    empty = weight.new_empty(0)
+    return (
+        dx if need_dx else empty,
+        dw if need_dweight else empty.clone(),
+        db if need_dbias else empty.clone(),
+    )
+
+
+@_conv_relu_backward_op.register_fake
+def _(grad, out, argmax, x, weight, x_shape, padding, pool, need_dx, need_dweight, need_dbias, backend):
+    dx = weight.new_empty(x_shape) if need_dx else weight.new_empty(0)
+    dw = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
+    db = weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, padding, pool, _need_argmax, backend = inputs
+    out, argmax = output
+    # x is read only by the weight gradient: frozen weights do not keep the input alive.
+    ctx.save_for_backward(out, argmax, x if weight.requires_grad else None, weight)
+    ctx.x_shape = list(x.shape)
+    ctx.padding, ctx.pool, ctx.backend = padding, pool, backend
+
+
+def _backward(ctx, grad_out, _grad_argmax):
+    out, argmax, x, weight = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.ptfast.conv_relu_backward(
+        grad_out,
+        out,
+        argmax,
+        x,
+        weight,
+        ctx.x_shape,
+        ctx.padding,
+        ctx.pool,
+        need_dx,
+        need_dw,
+        need_db,
+        ctx.backend,
+    )
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None, None, None)
+
+
+_conv_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(op: str, x: object, weight: object, bias: object, padding: object, pool: bool) -> None:
+    x = _validation.check_tensor(op, "x", x, ndim=4, dtypes=_validation.FLOAT_DTYPES)
+    weight = _validation.check_tensor(op, "weight", weight, ndim=4, dtypes=_validation.FLOAT_DTYPES)
+    if bias is not None:
+        bias = _validation.check_tensor(op, "bias", bias, ndim=1, dtypes=_validation.FLOAT_DTYPES)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"ptfast.{op}: bias has {bias.shape[0]} entries but weight has {weight.shape[0]} output channels"
+            )
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"ptfast.{op}: padding must be a non-negative int, got {padding!r}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"ptfast.{op}: x has {x.shape[1]} channels but weight expects {weight.shape[1]} "
+            f"(weight shape {tuple(weight.shape)}; grouped convolutions are not supported)"
+        )
+    _validation.check_same_device(op, x=x, weight=weight, bias=bias)
+    hc, wc = _conv_hw(x.shape, weight.shape, padding)
+    if hc < 1 or wc < 1:
+        raise ValueError(
+            f"ptfast.{op}: input {tuple(x.shape[2:])} with padding {padding} is smaller than "
+            f"the kernel {tuple(weight.shape[2:])}"
+        )
+    if pool and (hc < 2 or wc < 2):
+        raise ValueError(f"ptfast.{op}: conv output {hc}x{wc} is too small for 2x2 max-pooling")
+
+
+def _conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, pool: bool) -> Tensor:
+    op = _op_name(pool)
+    _validate(op, x, weight, bias, padding, pool)
+    cast = _validation.autocast_dtype(x.device)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    else:
+        _validation.check_same_dtype(op, x=x, weight=weight, bias=bias)
+    backend = _dispatch.choose(op, _IMPLS, _AUTO_ORDER, x=x, weight=weight, bias=bias, padding=padding, pool=pool)
+    need_argmax = pool and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    out, _ = torch.ops.ptfast.conv_relu(x, weight, bias, padding, pool, need_argmax, backend)
+    return out
+
+
+def conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding: int = 1) -> Tensor:
+    """``relu(conv2d(x, weight, bias, padding=padding))`` for stride-1, ungrouped convolutions.
+
+    Args:
+        x: ``(N, Cin, H, W)``, NCHW or channels_last; fp16, bf16, fp32 or fp64.
+        weight: ``(Cout, Cin, kh, kw)``.
+        bias: ``(Cout,)`` or None.
+        padding: zero padding on every side.
+
+    Returns:
+        ``(N, Cout, H + 2p - kh + 1, W + 2p - kw + 1)`` in x's memory format.
+    """
+    return _conv_relu(x, weight, bias, padding, pool=False)
+
+
+def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding: int = 1) -> Tensor:
+    """``max_pool2d(relu(conv2d(x, weight, bias, padding=padding)), 2, 2)``.
+
+    Odd conv-output sizes are floored like ``nn.MaxPool2d(2, 2)``. Ties in a window go to the first maximum in
+    row-major order; NaN propagates. Shapes as :func:`conv_relu`, with the spatial output halved (floored).
+    """
+    return _conv_relu(x, weight, bias, padding, pool=True)

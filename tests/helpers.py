@@ -1,0 +1,63 @@
+"""Shared test utilities: the low-precision accuracy rule of DESIGN.md §4 and dispatch assertions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of x against the float64 reference (NaN-aware: NaN must match NaN)."""
+    x64, r64 = x.detach().to(torch.float64), ref.detach().to(torch.float64)
+    nan_x, nan_r = torch.isnan(x64), torch.isnan(r64)
+    assert torch.equal(nan_x, nan_r), "NaN pattern differs from the reference"
+    x64, r64 = x64.masked_fill(nan_x, 0.0), r64.masked_fill(nan_r, 0.0)
+    denom = torch.linalg.vector_norm(r64).item()
+    num = torch.linalg.vector_norm(x64 - r64).item()
+    return num / denom if denom > 0 else num
+
+
+def assert_rule(ours: torch.Tensor, torch_same_dtype: torch.Tensor, oracle: torch.Tensor, what: str = "") -> None:
+    """err(ours) <= 2 * err(PyTorch's own op in the same dtype) + 1e-5 (errors against the float64 oracle)."""
+    e_ours, e_torch = rel_err(ours, oracle), rel_err(torch_same_dtype, oracle)
+    assert e_ours <= 2 * e_torch + 1e-5, f"{what}: err {e_ours:.3e} > 2 * torch err {e_torch:.3e} + 1e-5"
+
+
+def assert_close64(ours: torch.Tensor, oracle: torch.Tensor, what: str = "", tol: float | None = None) -> None:
+    """Tight check for float32/float64 results against the float64 oracle."""
+    if tol is None:
+        tol = 1e-10 if ours.dtype == torch.float64 else 2e-5
+    e = rel_err(ours, oracle)
+    assert e <= tol, f"{what}: relative error {e:.3e} > {tol:.1e}"
+
+
+def assert_ran(events: Iterable[tuple[str, str, str]], op: str, backend: str, phases=("forward",)) -> None:
+    """The recorded dispatch events show ``op`` ran on ``backend`` for every phase listed."""
+    events = list(events)
+    for phase in phases:
+        assert (op, backend, phase) in events, f"expected {op}/{backend}/{phase} to run, saw {events}"
+
+
+def peak_rss_growth_bytes(fn) -> int:
+    """How far the process's peak resident memory rises above its current size while ``fn()`` runs (Linux).
+
+    Writing "5" to /proc/self/clear_refs resets the peak (VmHWM) to the current resident size, so the reading
+    is this call's own peak, not the process's history.
+    """
+
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) * 1024

@@ -1,0 +1,219 @@
+"""conv_relu / conv_relu_pool on the torch backend against the float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import ptfast
+from ptfast.testing import record_dispatch
+from tests.helpers import assert_close64, assert_ran, assert_rule
+from tests.oracles.conv import conv_relu_ref
+
+
+def _make(n=2, cin=3, cout=5, h=9, w=7, k=(3, 3), dtype=torch.float32, channels_last=False, bias=True):
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = (torch.randn(cout, cin, *k) / (cin * k[0] * k[1]) ** 0.5).to(dtype)
+    b = torch.randn(cout, dtype=dtype) * 0.3 if bias else None
+    return x, weight, b
+
+
+def _torch_same_dtype(x, weight, bias, padding, pool):
+    y = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    return F.max_pool2d(y, 2, 2) if pool else y
+
+
+def _grads(out, inputs, grad):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, wanted, grad)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("k,padding", [((3, 3), 1), ((1, 1), 0), ((2, 3), 0), ((3, 3), 2)])
+def test_fp32_matches_oracle(pool, channels_last, bias, k, padding):
+    x, weight, b = _make(k=k, channels_last=channels_last, bias=bias)
+    params = [t.requires_grad_() for t in (x, weight, b) if t is not None]
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+    with record_dispatch() as events:
+        out = fn(x, weight, b, padding=padding)
+        grad = torch.randn_like(out)
+        got = _grads(out, (x, weight, b), grad)
+    assert_ran(events, "conv_relu_pool" if pool else "conv_relu", "torch", ("forward", "backward"))
+
+    ref = conv_relu_ref(x, weight, b, padding, pool)
+    want = torch.autograd.grad(ref, params, grad.double())
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_close64(out, ref, "out")
+    for name, g, r in zip(("dx", "dweight", "dbias")[: len(got)], got, want, strict=True):
+        assert_close64(g, r, name)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_low_precision_rule(pool, dtype, channels_last):
+    x, weight, b = _make(n=3, cin=13, cout=11, h=15, w=13, dtype=dtype, channels_last=channels_last)
+    for t in (x, weight, b):
+        t.requires_grad_()
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+    out = fn(x, weight, b)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight, b), grad)
+    base = _torch_same_dtype(x, weight, b, 1, pool)
+    base_grads = torch.autograd.grad(base, (x, weight, b), grad)
+    ref = conv_relu_ref(x, weight, b, 1, pool)
+    want = torch.autograd.grad(ref, (x, weight, b), grad.double())
+    assert out.dtype == dtype
+    assert_rule(out, base, ref, "out")
+    for name, g, gb, r in zip(("dx", "dweight", "dbias"), got, base_grads, want, strict=True):
+        assert g.dtype == dtype
+        assert_rule(g, gb, r, name)
+
+
+def test_fp64_gradcheck():
+    x, weight, b = _make(n=1, cin=2, cout=3, h=5, w=6, dtype=torch.float64)
+    for t in (x, weight, b):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: ptfast.conv_relu(*a), (x, weight, b))
+    assert torch.autograd.gradcheck(lambda *a: ptfast.conv_relu_pool(*a), (x, weight, b))
+
+
+def test_pool_ties_go_to_first_maximum():
+    # A 1x1 identity convolution makes the conv output equal the (small-integer) input, so windows tie exactly.
+    x = torch.tensor([[[[3.0, 3.0, 1.0, 2.0, 7.0], [3.0, 1.0, 2.0, 2.0, 7.0], [0.0, 5.0, 5.0, 4.0, 9.0]]]])
+    x.requires_grad_()
+    weight = torch.ones(1, 1, 1, 1)
+    out = ptfast.conv_relu_pool(x, weight, None, padding=0)
+    (dx,) = torch.autograd.grad(out, x, torch.tensor([[[[10.0, 20.0]]]]))
+    assert out.tolist() == [[[[3.0, 2.0]]]]
+    expected = torch.zeros_like(x)
+    expected[0, 0, 0, 0] = 10.0  # first of the three 3s in row-major order
+    expected[0, 0, 0, 3] = 20.0  # first of the three 2s; row 2 and column 4 are floored away
+    assert torch.equal(dx, expected)
+    ref = conv_relu_ref(x, weight, None, 0, pool=True)
+    (dref,) = torch.autograd.grad(ref, x, torch.tensor([[[[10.0, 20.0]]]], dtype=torch.float64))
+    assert torch.equal(dx.double(), dref)
+
+
+def test_nan_propagates():
+    x, weight, b = _make(n=1, cin=2, cout=3, h=6, w=6)
+    x[0, 1, 2, 3] = float("nan")
+    for pool in (False, True):
+        fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+        out = fn(x, weight, b)
+        ref = _torch_same_dtype(x, weight, b, 1, pool)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_empty_batch(pool):
+    x, weight, b = _make(n=0)
+    for t in (x, weight, b):
+        t.requires_grad_()
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+    out = fn(x, weight, b)
+    assert out.shape == ((0, 5, 4, 3) if pool else (0, 5, 9, 7))
+    dx, dw, db = torch.autograd.grad(out.sum(), (x, weight, b))
+    assert dx.shape == x.shape and torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_frozen_weights_and_no_grad(pool):
+    x, weight, b = _make()
+    x.requires_grad_()
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+    out = fn(x, weight, b)
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    ref = conv_relu_ref(x, weight, b, 1, pool)
+    (dref,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    assert_close64(dx, dref, "dx with frozen weight")
+    with torch.no_grad():
+        out_ng = fn(x, weight, b)
+    assert not out_ng.requires_grad
+    assert_close64(out_ng, ref, "no_grad out")
+    # Forward-only path keeps no argmax.
+    _, argmax = torch.ops.ptfast.conv_relu(x.detach(), weight, b, 1, pool, False, "torch")
+    assert argmax.numel() == 0
+
+
+def test_autocast_bf16():
+    x, weight, b = _make(n=2, cin=4, cout=6, h=8, w=9)
+    weight.requires_grad_()
+    b.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ptfast.conv_relu_pool(x, weight, b)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    ref = conv_relu_ref(x, weight, b, 1, pool=True)
+    base = F.max_pool2d(F.relu(F.conv2d(x.bfloat16(), weight.bfloat16(), b.bfloat16(), padding=1)), 2, 2)
+    assert_rule(out, base, ref, "autocast out")
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_compile_fullgraph_matches_eager(pool):
+    x, weight, b = _make(channels_last=True)
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+
+    def step(x, weight, b):
+        return (fn(x, weight, b) * 1.5).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    params = [weight.clone().requires_grad_(), b.clone().requires_grad_()]
+    loss_c = compiled(x, *params)
+    grads_c = torch.autograd.grad(loss_c, params)
+    params_e = [weight.clone().requires_grad_(), b.clone().requires_grad_()]
+    loss_e = step(x, *params_e)
+    grads_e = torch.autograd.grad(loss_e, params_e)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("need_argmax", [False, True])
+def test_opcheck(pool, need_argmax):
+    x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8)
+    weight.requires_grad_()
+    opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, 1, pool, need_argmax and pool, "torch"))
+    out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, 1, pool, pool, "torch")
+    grad = torch.randn_like(out)
+    args = (grad, out, argmax, x, weight.detach(), list(x.shape), 1, pool, True, True, True, "torch")
+    opcheck(torch.ops.ptfast.conv_relu_backward.default, args)
+
+
+def test_validation_errors():
+    x, weight, b = _make()
+    with pytest.raises(ValueError, match="4 dimensions"):
+        ptfast.conv_relu(x[0], weight, b)
+    with pytest.raises(TypeError, match="dtype"):
+        ptfast.conv_relu(x.to(torch.int32), weight, b)
+    with pytest.raises(ValueError, match="channels"):
+        ptfast.conv_relu(x[:, :2], weight, b)
+    with pytest.raises(ValueError, match="bias has 4 entries"):
+        ptfast.conv_relu(x, weight, b[:4])
+    with pytest.raises(ValueError, match="padding"):
+        ptfast.conv_relu(x, weight, b, padding=-1)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        ptfast.conv_relu(x[..., :2, :2], weight, b, padding=0)
+    with pytest.raises(ValueError, match="too small for 2x2"):
+        ptfast.conv_relu_pool(x[..., :1, :], weight, b, padding=1)
+    with pytest.raises(TypeError, match="dtype"):
+        ptfast.conv_relu(x, weight.double(), b)
+    with pytest.raises(ValueError, match="is on meta"):
+        ptfast.conv_relu(x, weight.to("meta"), b)
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    x, weight, b = _make()
+    with ptfast.use_backend("cuda"), pytest.raises(ptfast.BackendNotSupportedError, match="cuda"):
+        ptfast.conv_relu(x, weight, b)
+    with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="triton"):
+        ptfast.conv_relu_pool(x, weight, b)

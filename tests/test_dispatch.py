@@ -1,0 +1,93 @@
+"""Backend selection: use_backend, PTFAST_BACKEND, per-thread settings, forward choice reused by backward."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import ptfast
+from ptfast import _dispatch
+from ptfast.testing import record_dispatch
+
+
+def _conv_inputs():
+    x = torch.randn(1, 2, 5, 6, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, requires_grad=True)
+    return x, w
+
+
+def test_default_is_auto_and_use_backend_nests():
+    assert ptfast.requested_backend() == "auto"
+    with ptfast.use_backend("torch"):
+        assert ptfast.requested_backend() == "torch"
+        with ptfast.use_backend("triton"):
+            assert ptfast.requested_backend() == "triton"
+        assert ptfast.requested_backend() == "torch"
+    assert ptfast.requested_backend() == "auto"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown ptfast backend"):
+        with ptfast.use_backend("tpu"):
+            pass
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("PTFAST_BACKEND", "torch")
+    assert ptfast.requested_backend() == "torch"
+    monkeypatch.setenv("PTFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        ptfast.requested_backend()
+    with ptfast.use_backend("auto"):  # the context manager wins over the environment
+        assert ptfast.requested_backend() == "auto"
+
+
+def test_setting_is_per_thread():
+    seen = {}
+    with ptfast.use_backend("torch"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", ptfast.requested_backend()))
+        t.start()
+        t.join()
+    assert seen["other"] == "auto"
+
+
+def test_auto_falls_back_to_torch_and_explicit_refusal_says_why():
+    x, w = _conv_inputs()
+    with record_dispatch() as events:
+        ptfast.conv_relu(x, w)
+    assert events == [("conv_relu", "torch", "forward")]
+    with ptfast.use_backend("cuda"), pytest.raises(ptfast.BackendNotSupportedError) as err:
+        ptfast.conv_relu(x, w)
+    assert "ptfast.conv_relu: backend 'cuda' cannot run these inputs: cuda" in str(err.value)
+
+
+def test_backward_uses_the_forward_choice():
+    x, w = _conv_inputs()
+    with ptfast.use_backend("torch"):
+        out = ptfast.conv_relu_pool(x, w)
+    with record_dispatch() as events, ptfast.use_backend("triton"):
+        out.sum().backward()  # would refuse on triton; backward must not re-choose
+    assert events == [("conv_relu_pool", "torch", "backward")]
+
+
+def test_explain_lists_every_backend():
+    from ptfast.ops import conv
+
+    x, w = _conv_inputs()
+    reasons = _dispatch.explain("conv_relu", conv._IMPLS, x=x, weight=w, bias=None, padding=1, pool=True)
+    assert set(reasons) == {"torch", "triton", "cuda"} and reasons["torch"] is None
+    assert all(isinstance(reasons[b], str) for b in ("triton", "cuda"))
+
+
+def test_import_is_light():
+    code = (
+        "import sys, torch, ptfast\n"
+        "assert not torch.cuda.is_initialized(), 'import ptfast initialized CUDA'\n"
+        "heavy = [m for m in ('triton', 'transformers', 'torchvision') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

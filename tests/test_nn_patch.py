@@ -1,0 +1,124 @@
+"""ptfast.nn conv modules and ptfast.patch on a torchvision-shaped VGG (built here: no torchvision on CPU CI)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import ptfast
+from ptfast.testing import record_dispatch
+from tests.helpers import assert_ran
+
+
+def tiny_vgg(batch_norm: bool = False) -> nn.Module:
+    """torchvision's VGG layout (features / avgpool / classifier) at toy width; odd channel counts."""
+    cfg = [5, "M", 7, 9, "M", 11]
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers.append(nn.Conv2d(cin, v, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            cin = v
+
+    class VGG(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(*layers)
+            self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+            self.classifier = nn.Sequential(nn.Linear(cin * 4, 13), nn.ReLU(True), nn.Dropout(0.0), nn.Linear(13, 3))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    return VGG()
+
+
+def test_modules_are_conv2d_with_same_state_dict():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    fused = ptfast.nn.ConvReLUPool2d.from_conv(conv)
+    assert isinstance(fused, nn.Conv2d)
+    assert fused.weight is conv.weight and fused.bias is conv.bias
+    assert list(fused.state_dict()) == list(conv.state_dict())
+    fresh = ptfast.nn.ConvReLU2d(3, 5, 3, padding=1)
+    fresh.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 9, 11)
+    torch.testing.assert_close(fresh(x), torch.relu(conv(x)))
+    torch.testing.assert_close(fused(x), torch.max_pool2d(torch.relu(conv(x)), 2, 2))
+
+
+def test_module_refuses_unsupported_conv():
+    with pytest.raises(ValueError, match="stride"):
+        ptfast.nn.ConvReLU2d(3, 5, 3, stride=2)
+    with pytest.raises(ValueError, match="groups"):
+        ptfast.nn.ConvReLU2d(4, 4, 3, groups=2)
+    same = ptfast.nn.ConvReLU2d(3, 5, 3, padding="same")
+    assert same.fused_padding == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patched_vgg_matches_stock(channels_last):
+    stock = tiny_vgg()
+    model = copy.deepcopy(stock)
+    keys_before = list(model.state_dict())
+    params_before = [id(p) for p in model.parameters()]
+    ptfast.patch(model)
+    report = model.ptfast_patch_report
+    assert len(report.replaced) == 4, str(report)
+    assert isinstance(model.features[0], ptfast.nn.ConvReLUPool2d)
+    assert isinstance(model.features[3], ptfast.nn.ConvReLU2d)
+    assert list(model.state_dict()) == keys_before
+    assert [id(p) for p in model.parameters()] == params_before
+
+    x = torch.randn(2, 3, 19, 17)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with record_dispatch() as events:
+        out = model(x)
+        out.sum().backward()
+    assert_ran(events, "conv_relu_pool", "torch", ("forward", "backward"))
+    assert_ran(events, "conv_relu", "torch", ("forward", "backward"))
+    ref = stock(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(model.named_parameters(), stock.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_patch_is_idempotent_and_checkpoints_round_trip():
+    model = ptfast.patch(tiny_vgg())
+    again = ptfast.patch(model)
+    assert again is model and again.ptfast_patch_report.replaced == []
+    stock = tiny_vgg()
+    model.load_state_dict(stock.state_dict())  # an old checkpoint loads into the patched model
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    stock.load_state_dict(torch.load(buf))  # and the patched model's checkpoint loads into stock
+    x = torch.randn(1, 3, 12, 12)
+    torch.testing.assert_close(model(x), stock(x))
+    torch.testing.assert_close(copy.deepcopy(model)(x), stock(x))
+
+
+def test_hooks_opt_out_and_bn_are_respected():
+    model = tiny_vgg()
+    seen = []
+    model.features[4].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # the ReLU after conv 7
+    ptfast.patch(model)
+    assert type(model.features[3]) is nn.Conv2d and type(model.features[4]) is nn.ReLU
+    model(torch.randn(1, 3, 8, 8))
+    assert seen, "hooked ReLU must still run"
+    assert any("hook" in s for s in model.ptfast_patch_report.skipped)
+
+    untouched = ptfast.patch(tiny_vgg(), conv=False)
+    assert not any(isinstance(m, ptfast.nn.ConvReLU2d) for m in untouched.modules())
+    bn = ptfast.patch(tiny_vgg(batch_norm=True))  # Conv -> BN -> ReLU is not a conv+ReLU run
+    assert not any(isinstance(m, ptfast.nn.ConvReLU2d) for m in bn.modules())
