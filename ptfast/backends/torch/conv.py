@@ -58,7 +58,8 @@ def conv_output_grad(
     full.scatter_(-1, argmax.long().unsqueeze(-1), g.unsqueeze(-1))
     full = full.reshape(n, c, ho, wo, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
     h, w = conv_hw
-    return F.pad(full, (0, w - 2 * wo, 0, h - 2 * ho))  # rows/cols the pool floored away get no gradient
+    full = F.pad(full, (0, w - 2 * wo, 0, h - 2 * ho))  # rows/cols the pool floored away get no gradient
+    return full.contiguous(memory_format=memory_format(out))  # cuDNN's backward then needs no layout change
 
 
 def backward(
