@@ -1,0 +1,109 @@
+"""The attention-dropout keep decision: THE specification every backend reproduces bit for bit.
+
+Why a counter-based hash: the keep decision for score element (b, h, i, j) must depend only on a per-call seed and
+that element's absolute position, never on block sizes, chunking, Lq/Lk or launch configuration. Then backward
+(and any kernel, any tiling) regenerates exactly the mask forward used, nothing L x L is stored, and the padded
+and the varlen form of one batch drop identically.
+
+Specification (all arithmetic on unsigned 32-bit words, i.e. modulo 2**32; ``>>`` is a logical shift)::
+
+    fmix32(x):                      # MurmurHash3's 32-bit finalizer, a bijection on uint32
+        x ^= x >> 16
+        x *= 0x85EBCA6B
+        x ^= x >> 13
+        x *= 0xC2B2AE35
+        x ^= x >> 16
+        return x
+
+    seed = (s0, s1)                  # two words, each in [0, 2**31), drawn per call (see below)
+    k_b   = fmix32(s0 + b * 0x9E3779B1)
+    k_bh  = fmix32(k_b ^ (h * 0x85EBCA77))
+    k_row = fmix32(k_bh ^ (s1 + i * 0xC2B2AE3D))
+    u     = fmix32(k_row + j * 0x27D4EB2F)
+    keep(b, h, i, j)  <=>  u >= T,   T = floor(p * 2**32)
+
+* ``b``: batch index (for varlen: the sequence index, ``0 <= b < len(cu_seqlens) - 1``); ``h``: head index;
+  ``i``: query position and ``j``: key position, both counted from 0 at the start of their sequence (for varlen,
+  *within* the sequence), so a padded batch and its varlen packing drop the same elements.
+* ``T`` is computed on the host in float64 (exact: ``p * 2**32`` only shifts the exponent), ``0 <= T < 2**32``
+  for ``0 <= p < 1``. ``p == 1`` drops everything (``T = 2**32``, which no uint32 reaches; a uint32 kernel must
+  special-case it). Kept probabilities are scaled by ``1 / (1 - p)`` after the softmax.
+* Cost per score element in a kernel: one multiply-add and one ``fmix32``; ``k_row`` is per query row and
+  ``k_b``/``k_bh`` per (batch, head) program.
+
+The seed is an int64 tensor of shape ``(2,)`` on the query's device, drawn per call with
+``torch.randint(0, 2**31, (2,), device=q.device)`` from torch's default generator by the functional wrapper
+(so ``torch.manual_seed`` reproduces a call, ``torch.compile`` traces it, and CUDA-graph replays draw fresh
+words); ops take it as an input and autograd saves it for backward.
+
+The torch implementation below emulates uint32 on int64 tensors: every value is kept in [0, 2**32) by masking
+after each add/multiply, and multiplications are split into 16-bit halves so no int64 product overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+FMIX_C1 = 0x85EBCA6B
+FMIX_C2 = 0xC2B2AE35
+C_BATCH = 0x9E3779B1
+C_HEAD = 0x85EBCA77
+C_ROW = 0xC2B2AE3D
+C_COL = 0x27D4EB2F
+SEED_BOUND = 2**31
+
+
+def threshold(p: float) -> int:
+    """``T = floor(p * 2**32)``: an element is kept iff its hash ``u >= T``."""
+    return int(float(p) * 4294967296.0)
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """The per-call seed: int64 ``(2,)`` on ``device``, each word in [0, 2**31), from torch's default generator."""
+    return torch.randint(0, SEED_BOUND, (2,), device=device, dtype=torch.int64)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (hi * 2**16 + lo) * c mod 2**32 == (lo * c + ((hi * c) mod 2**16) * 2**16) mod 2**32; every product < 2**48.
+    lo = x & 0xFFFF
+    hi = x >> 16
+    hi.mul_(c).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return lo.mul_(c).add_(hi).bitwise_and_(MASK32)
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer on int64 tensors holding uint32 values (returns a new tensor)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, FMIX_C1)
+    x ^= x >> 13
+    x = _mul32(x, FMIX_C2)
+    x ^= x >> 16
+    return x
+
+
+def row_keys(seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``k_row`` for broadcastable int64 index tensors ``b``, ``h``, ``i`` (no host sync: seed stays on device)."""
+    s0, s1 = seed[0], seed[1]
+    k = fmix32((s0 + _mul32(b & MASK32, C_BATCH)) & MASK32)
+    k = fmix32(k ^ _mul32(h & MASK32, C_HEAD))
+    return fmix32(k ^ ((s1 + _mul32(i & MASK32, C_ROW)) & MASK32))
+
+
+def col_terms(j: torch.Tensor) -> torch.Tensor:
+    """``j * C_COL mod 2**32`` for an int64 index tensor ``j`` (computed once per call, reused by every row)."""
+    return _mul32(j & MASK32, C_COL)
+
+
+def keep_from_keys(k_row: torch.Tensor, col: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep mask, the broadcast of ``k_row`` (``(..., R, 1)``) against ``col`` (``(C,)``)."""
+    u = fmix32((k_row + col) & MASK32)
+    return u >= threshold(p)
+
+
+def keep_mask(
+    seed: torch.Tensor, p: float, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> torch.Tensor:
+    """``keep(b, h, i, j)`` for broadcastable int64 index tensors, e.g. b ``(B,1,1,1)``, h ``(1,H,1,1)``,
+    i ``(1,1,R,1)``, j ``(C,)``: a bool tensor of the broadcast shape."""
+    return keep_from_keys(row_keys(seed, b, h, i), col_terms(j), p)

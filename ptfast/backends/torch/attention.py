@@ -1,0 +1,279 @@
+"""``ptfast.attention`` on PyTorch's own fast paths (SDPA), with bounded memory: the production fallback.
+
+Execution plan (chosen from shapes and flags only, never from tensor values, so no host sync):
+
+* no dropout, no mask or a mask that is constant along the query axis (``key_mask`` alone, an HF-style
+  ``(B, 1, 1, Lk)`` mask) or causal alone: one ``F.scaled_dot_product_attention`` call on the whole input
+  (``is_causal`` passed through, the mask as ``(B|1, H|1, 1, Lk)``), so nothing L x L is ever built here;
+* any other mask combination (per-query masks, causal + key_mask, bool + float): query rows (and, for very large
+  batches, batch elements) are processed in chunks whose materialized mask stays under ``CHUNK_BUDGET_BYTES``;
+  each chunk still runs SDPA;
+* dropout (SDPA's own dropout cannot take our keep mask): chunks of explicit math in fp32 — scores, softmax,
+  ``keep / (1 - p)`` from :mod:`ptfast._dropout`, ``P @ V`` — with the same budget.
+
+Rows whose every key is excluded get a harmless all-zero additive mask before SDPA and the output is multiplied
+by the row validity, so they return exactly 0 with exactly 0 gradient instead of NaN.
+
+Backward recomputes the forward chunk by chunk with autograd enabled and calls ``torch.autograd.grad`` on each
+chunk, accumulating dK/dV (fp32 for half types), so no L x L tensor is kept between forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ptfast import _dropout
+
+SAVES_LSE = False  # this backend recomputes in backward; its ``lse`` output is an empty fp32 tensor
+
+CHUNK_BUDGET_BYTES = 128 << 20
+# Bytes per (batch, head, query, key) element a chunk allocates at its peak (rough upper bounds):
+_BYTES_MASKED = 16  # combined mask (SDPA turns a bool mask into a float one) + bool temporaries
+_BYTES_DROPOUT = 96  # fp32 scores and probabilities, int64 hash temporaries, autograd's saved tensors
+
+
+def supports(**meta: object) -> str | None:
+    return None  # everything the functional API's validation admits
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything besides q/k/v that defines one attention call (masks in compact 4-D / ``(B, Lk)`` form)."""
+
+    attn_mask: Tensor | None
+    key_mask: Tensor | None
+    seed: Tensor | None
+    dropout_p: float
+    is_causal: bool
+    scale: float
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    b0: int
+    b1: int
+    r0: int
+    r1: int
+    sdpa_causal: bool  # causal handled by SDPA's flag (whole-input plan) instead of by the chunk's mask
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The dropout path does its own math: half types are computed in fp32 (like SDPA's kernels accumulate).
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # The op's inputs are already cast by the wrapper; autocast must not re-cast our fp32 dropout math.
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autograd_dispatch() -> contextlib.AbstractContextManager:
+    """Re-enable autograd inside a custom-op kernel for the per-chunk recomputation.
+
+    torch.library runs op kernels below the autograd dispatch key (its autograd keys sit in the thread's excluded
+    set), so ``enable_grad`` alone records nothing there. Force the thread's key sets minus those keys; autocast
+    keys stay excluded.
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _chunks(B: int, H: int, Lq: int, Lk: int, spec: Spec) -> Iterator[_Chunk]:
+    am = spec.attn_mask
+    per_query_mask = am is not None and am.shape[2] != 1
+    has_mask = am is not None or spec.key_mask is not None
+    if spec.dropout_p == 0 and not per_query_mask and not (spec.is_causal and has_mask):
+        yield _Chunk(0, B, 0, Lq, spec.is_causal)
+        return
+    per_elem = _BYTES_DROPOUT if spec.dropout_p > 0 else _BYTES_MASKED
+    rows = max(1, CHUNK_BUDGET_BYTES // (H * Lk * per_elem))  # (batch element, query row) pairs per chunk
+    if rows >= Lq:
+        bb, rb = max(1, rows // Lq), Lq
+    else:
+        bb, rb = 1, rows
+    for b0 in range(0, B, bb):
+        for r0 in range(0, Lq, rb):
+            yield _Chunk(b0, min(B, b0 + bb), r0, min(Lq, r0 + rb), False)
+
+
+def _chunk_masks(spec: Spec, c: _Chunk, Lk: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """(bool mask, float mask) for the chunk, each broadcastable to ``(b1-b0, H, r1-r0, Lk)`` (or None)."""
+    keep: Tensor | None = None
+    add: Tensor | None = None
+    am = spec.attn_mask
+    if am is not None:
+        am = am if am.shape[0] == 1 else am[c.b0 : c.b1]
+        am = am if am.shape[2] == 1 else am[:, :, c.r0 : c.r1]  # only this chunk's rows of an expanded mask
+        if am.dtype == torch.bool:
+            keep = am
+        else:
+            add = am
+    if spec.key_mask is not None:
+        km = spec.key_mask[c.b0 : c.b1, None, None, :]
+        keep = km if keep is None else keep & km
+    if spec.is_causal and not c.sdpa_causal:
+        i = torch.arange(c.r0, c.r1, device=device)[:, None]
+        causal = torch.arange(Lk, device=device)[None, :] <= i  # top-left aligned like SDPA
+        keep = causal if keep is None else keep & causal
+    return keep, add
+
+
+def _sdpa_chunk(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tensor | None, c: _Chunk, scale: float):
+    if keep is None and add is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=c.sdpa_causal, scale=scale)
+    if add is None:
+        # Boolean exclusions only: a finite fill (finfo.min) instead of -inf. Allowed logits are finite scores, so
+        # excluded keys still get exactly zero weight, and PyTorch's CPU flash kernel runs its backward ~10x faster
+        # without -inf in the mask. Fully excluded rows become uniform and are zeroed below.
+        valid = keep.any(-1, keepdim=True)
+        m = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
+    else:  # SDPA wants a float mask in q's dtype; -inf here keeps a user's finfo.min mask on plain arithmetic
+        m = add.to(q.dtype)
+        if keep is not None:
+            m = torch.where(keep, m, -math.inf)
+        valid = (m != -math.inf).any(-1, keepdim=True)  # NaN counts as valid: it must propagate
+        m = m.masked_fill(~valid, 0.0) if m is add else m.masked_fill_(~valid, 0.0)  # never write the user's mask
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=c.sdpa_causal, scale=scale)
+    return out * valid.to(out.dtype)
+
+
+def _dropout_chunk(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tensor | None, c: _Chunk, spec: Spec, col: Tensor
+) -> Tensor:
+    """Explicit attention with dropout; q/k/v already in the work dtype (fp32 for half inputs)."""
+    s = torch.matmul(q, k.transpose(-2, -1)) * spec.scale
+    if add is not None:
+        s = s + add.to(s.dtype)
+    if keep is not None:
+        s = s.masked_fill(~keep, -math.inf)
+    valid = (s != -math.inf).any(-1, keepdim=True)
+    s = s.masked_fill(~valid, 0.0)
+    probs = torch.softmax(s, dim=-1)
+    dev = q.device
+    b = torch.arange(c.b0, c.b1, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(q.shape[1], device=dev).view(1, -1, 1, 1)
+    i = torch.arange(c.r0, c.r1, device=dev).view(1, 1, -1, 1)
+    kept = _dropout.keep_from_keys(_dropout.row_keys(spec.seed, b, h, i), col, spec.dropout_p) & valid
+    inv = 0.0 if spec.dropout_p >= 1.0 else 1.0 / (1.0 - spec.dropout_p)
+    probs = probs * (kept.to(probs.dtype) * inv)  # multiply (not where) so NaN still propagates
+    return torch.matmul(probs, v)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, c: _Chunk, spec: Spec, col: Tensor | None) -> Tensor:
+    keep, add = _chunk_masks(spec, c, k.shape[2], q.device)
+    if spec.dropout_p > 0:
+        return _dropout_chunk(q, k, v, keep, add, c, spec, col)
+    return _sdpa_chunk(q, k, v, keep, add, c, spec.scale)
+
+
+def _col_terms(Lk: int, spec: Spec, device: torch.device) -> Tensor | None:
+    if spec.dropout_p == 0:
+        return None
+    return _dropout.col_terms(torch.arange(Lk, device=device))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
+    """Output ``(B, H, Lq, Dv)``, contiguous, in q's dtype."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    out_shape = (B, H, Lq, v.shape[-1])
+    if q.numel() == 0 or v.shape[-1] == 0 or Lk == 0:
+        return q.new_zeros(out_shape)  # no keys: every row is fully excluded -> 0
+    work = _work_dtype(q.dtype) if spec.dropout_p > 0 else q.dtype
+    col = _col_terms(Lk, spec, q.device)
+    # no_grad: nothing here is differentiated (backward recomputes chunk by chunk), so record no graph.
+    with _no_autocast(q.device), torch.no_grad():
+        chunks = list(_chunks(B, H, Lq, Lk, spec))
+        if len(chunks) == 1:
+            c = chunks[0]
+            return _attend(q.to(work), k.to(work), v.to(work), c, spec, col).to(q.dtype).contiguous()
+        out = q.new_empty(out_shape)
+        kw = vw = None
+        for c in chunks:
+            if c.r0 == 0:  # new batch block: convert its K/V once
+                kw, vw = k[c.b0 : c.b1].to(work), v[c.b0 : c.b1].to(work)
+            qc = q[c.b0 : c.b1, :, c.r0 : c.r1].to(work)
+            out[c.b0 : c.b1, :, c.r0 : c.r1] = _attend(qc, kw, vw, c, spec, col)
+        return out
+
+
+def attend_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous, in the inputs' dtype, by per-chunk recomputation."""
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return dq, dk, dv
+    work = _work_dtype(q.dtype) if spec.dropout_p > 0 else q.dtype
+    acc_dtype = _work_dtype(q.dtype)  # dK/dV summed over chunks in fp32 for half inputs
+    col = _col_terms(Lk, spec, q.device)
+    chunks = list(_chunks(B, H, Lq, Lk, spec))
+    with _no_autocast(q.device), _autograd_dispatch(), torch.enable_grad():
+        kl = vl = dk_acc = dv_acc = None
+        for n, c in enumerate(chunks):
+            if c.r0 == 0:
+                kl = k[c.b0 : c.b1].detach().to(work).requires_grad_()
+                vl = v[c.b0 : c.b1].detach().to(work).requires_grad_()
+                dk_acc = dv_acc = None
+            ql = q[c.b0 : c.b1, :, c.r0 : c.r1].detach().to(work).requires_grad_()
+            o = _attend(ql, kl, vl, c, spec, col)
+            g = grad[c.b0 : c.b1, :, c.r0 : c.r1].to(o.dtype)
+            gq, gk, gv = torch.autograd.grad(o, (ql, kl, vl), g, allow_unused=True, materialize_grads=True)
+            dq[c.b0 : c.b1, :, c.r0 : c.r1] = gq
+            dk_acc = gk.to(acc_dtype) if dk_acc is None else dk_acc.add_(gk)
+            dv_acc = gv.to(acc_dtype) if dv_acc is None else dv_acc.add_(gv)
+            if n + 1 == len(chunks) or chunks[n + 1].r0 == 0:  # batch block finished
+                dk[c.b0 : c.b1] = dk_acc
+                dv[c.b0 : c.b1] = dv_acc
+    return dq, dk, dv
+
+
+def _empty_lse(q: Tensor) -> Tensor:
+    return q.new_empty(0, dtype=torch.float32)
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    key_mask: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Backend entry point for ``ptfast::attention``: ``(out, lse)`` with ``lse`` empty (see ``SAVES_LSE``)."""
+    spec = Spec(attn_mask, key_mask, seed, dropout_p, is_causal, scale)
+    return attend(q, k, v, spec), _empty_lse(q)
+
+
+def backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    key_mask: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backend entry point for ``ptfast::attention_backward`` (``out``/``lse`` unused: forward is recomputed)."""
+    spec = Spec(attn_mask, key_mask, seed, dropout_p, is_causal, scale)
+    return attend_backward(grad, q, k, v, spec)

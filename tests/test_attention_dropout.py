@@ -1,0 +1,113 @@
+"""Attention dropout: the exact keep mask of the hash spec (``ptfast/_dropout.py``), seeding and recomputation.
+
+The oracle reimplements the hash in numpy uint32 arithmetic, so these tests pin the torch backend to the spec a
+Triton kernel must also reproduce bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import ptfast
+from ptfast import _dropout
+from ptfast.backends.torch import attention as torch_attention
+from tests.oracles import attention as oracle
+from tests.test_attention import LK, B, H, key_mask_of, make_qkv, run_and_check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.37])
+def test_dropout_matches_oracle_keep_mask(dtype, p):
+    run_and_check(*make_qkv(dtype=dtype), dropout_p=p)
+    run_and_check(*make_qkv(dtype=dtype, d=40), dropout_p=p, key_mask=key_mask_of("holes"), is_causal=True)
+
+
+def test_dropout_with_every_mask_and_excluded_rows():
+    q, k, v = make_qkv(lq=19)
+    key_mask = key_mask_of("right")
+    key_mask[1] = False
+    bool_mask = torch.rand(B, H, 19, LK) > 0.2
+    out, (dq, _, _) = run_and_check(
+        q, k, v, attn_mask=bool_mask, key_mask=key_mask, is_causal=True, dropout_p=0.2, scale=0.3
+    )
+    assert (out[1] == 0).all() and (dq[1] == 0).all()
+    run_and_check(q, k, v, attn_mask=torch.randn(B, 1, 19, LK), dropout_p=0.2)
+
+
+def test_torch_hash_equals_numpy_spec():
+    seed = torch.tensor([123456789, 2**31 - 1], dtype=torch.int64)
+    b = torch.arange(5).view(-1, 1, 1, 1) + 3
+    h = torch.arange(4).view(1, -1, 1, 1)
+    i = torch.arange(33).view(1, 1, -1, 1)
+    ours = _dropout.keep_mask(seed, 0.3, b, h, i, torch.arange(47))
+    ref = oracle.keep_mask((123456789, 2**31 - 1), 0.3, 5, 4, 33, 47, b_offset=3)
+    assert torch.equal(ours, ref)
+
+
+def test_keep_rate_and_independence_across_batch_and_heads():
+    seed = _dropout.draw_seed(torch.device("cpu"))
+    keep = _dropout.keep_mask(
+        seed, 0.25, torch.arange(3).view(-1, 1, 1, 1), torch.arange(4).view(1, -1, 1, 1),
+        torch.arange(97).view(1, 1, -1, 1), torch.arange(131),
+    )  # fmt: skip
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    for b in range(3):
+        for h in range(4):
+            assert abs(keep[b, h].float().mean().item() - 0.75) < 0.03
+    assert not torch.equal(keep[0, 0], keep[1, 0]) and not torch.equal(keep[0, 0], keep[0, 1])
+    # rows and columns are not shifted copies of each other
+    assert not torch.equal(keep[0, 0, 1:, :-1], keep[0, 0, :-1, 1:])
+    assert _dropout.threshold(0.0) == 0 and _dropout.threshold(0.5) == 2**31
+
+
+def test_same_seed_same_output_and_fresh_draws():
+    q, k, v = make_qkv()
+    torch.manual_seed(11)
+    a = ptfast.attention(q, k, v, dropout_p=0.3)
+    b = ptfast.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(11)
+    a2 = ptfast.attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, b)
+    assert not torch.equal(a, ptfast.attention(q, k, v))
+
+
+def test_dropout_independent_of_chunking(monkeypatch):
+    q, k, v = make_qkv(b=3, lq=41)
+    key_mask = key_mask_of("holes", b=3)
+    torch.manual_seed(5)
+    whole = ptfast.attention(q, k, v, dropout_p=0.2, key_mask=key_mask, is_causal=True)
+    monkeypatch.setattr(torch_attention, "CHUNK_BUDGET_BYTES", 5 * H * LK * 64)
+    torch.manual_seed(5)
+    chunked = ptfast.attention(q, k, v, dropout_p=0.2, key_mask=key_mask, is_causal=True)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    run_and_check(q, k, v, dropout_p=0.2, key_mask=key_mask, is_causal=True)
+
+
+def test_dropout_p_one_gives_zeros():
+    q, k, v = make_qkv()
+    out = ptfast.attention(q, k, v, dropout_p=1.0)
+    assert (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+
+
+def test_activation_checkpointing_reproduces_gradients():
+    q, k, v = make_qkv(d=40)
+    key_mask = key_mask_of("left")
+
+    def block(q, k, v):
+        return ptfast.attention(q * 1.5, k, v, dropout_p=0.25, key_mask=key_mask, is_causal=True).square()
+
+    torch.manual_seed(3)
+    plain = torch.autograd.grad(block(q, k, v).sum(), (q, k, v))
+    torch.manual_seed(3)
+    ckpt = torch.autograd.grad(checkpoint(block, q, k, v, use_reentrant=False).sum(), (q, k, v))
+    for a, b in zip(plain, ckpt, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dropout_single_query_row():
+    run_and_check(*make_qkv(lq=1), dropout_p=0.3, key_mask=key_mask_of("right"))
