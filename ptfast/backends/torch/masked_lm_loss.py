@@ -1,0 +1,264 @@
+"""Masked-LM loss (vocabulary projection + cross-entropy) on PyTorch's own ops, without the full logits.
+
+Rows are processed in chunks whose logits (in the accumulation dtype: fp32, or fp64 for fp64 inputs) stay under
+:data:`CHUNK_BYTES`; every step works in place on that one buffer, so peak memory is one chunk plus the fp32
+``dweight`` accumulator, whatever the number of rows.
+
+The GEMMs run in hidden's dtype (the "compute dtype": the autocast dtype under autocast; emulated exactly by
+fp32 GEMMs on CPU, see :class:`_Gemm`); ``weight`` is cast to it once per call, ``bias`` is added in fp32.
+Under autocast the caller passes the fp32 parameters, so dweight and dbias go from their fp32 accumulators to
+fp32 gradients without a round trip through bf16.
+
+* Forward, per chunk: logits = h_c @ W^T in the compute dtype, read in fp32 (the GEMM writes fp32 directly,
+  never rounding the logits to bf16, on CUDA and CPU; elsewhere its output is upcast), + bias in fp32, then an
+  in-place log-sum-exp, the target logit and, with label smoothing, the mean logit. Returns the per-row loss and
+  the per-row log-sum-exp (which lets backward form the softmax without another reduction).
+* Backward, per chunk: recompute the logits (a 4th GEMM instead of keeping N x V values alive), form
+  ``grad_logits = (softmax - smoothed one-hot) * grad_row`` in fp32, then ``dh_c = grad_logits @ W``,
+  ``dW += grad_logits^T @ h_c`` (fp32 accumulator), ``db += column sums`` (fp32).
+
+Ignored rows cost no matrix work: the valid rows are gathered first (``nonzero``: one host sync, acceptable for
+this fallback in eager mode and inside compiled graphs, where the op is opaque). While a CUDA stream is capturing
+a graph a sync is illegal, so the chunks then run over every row and ignored rows are masked out instead.
+
+A "valid" row has ``0 <= label < V`` and ``label != ignore_index``. Out-of-range labels only reach this code
+when value checks are off (``PTFAST_CHECKS=0``, ``torch.compile``, graph capture); they are treated exactly
+like ``ignore_index`` (loss 0, no gradient, not counted by ``reduction="mean"``) so nothing is indexed out
+of bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+#: Budget for one chunk's logits in the accumulation dtype. A chunk's peak is about this (plus a half-size copy
+#: of the GEMM operand / output for fp16/bf16). On a GPU 128 MiB is ~1100 rows at vocab 30522: GEMMs large
+#: enough to run at full speed, with few enough chunks that launch overhead does not matter.
+CHUNK_BYTES = 128 * 2**20
+
+# Whether ``torch.mm(a, b, out_dtype=torch.float32)`` (fp16/bf16 inputs on CUDA, torch >= 2.8) works here. It is
+# tried once and remembered, so a build without it silently uses "GEMM in the input dtype, then upcast".
+_mm_out_dtype_ok: dict[str, bool] = {}
+
+
+def supports(**meta: object) -> str | None:
+    return None  # everything the functional API's validation admits
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the log-sum-exp, loss and accumulated gradients: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_rows(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """Bool mask of rows that contribute: label in ``[0, vocab)`` and not ``ignore_index``."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+
+
+def rows_per_chunk(vocab: int, dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (max(vocab, 1) * torch.empty((), dtype=dtype).element_size()))
+
+
+def can_compact(t: Tensor) -> bool:
+    """Row compaction needs a host sync (``nonzero``), which is illegal while a CUDA stream captures a graph."""
+    # Only ask about capture for CUDA tensors: asking otherwise could initialize CUDA.
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``a @ b`` (GEMM in a/b's dtype) with the result in ``acc``, unrounded where the platform allows it."""
+    if a.dtype == acc:
+        return torch.mm(a, b)
+    key = a.device.type
+    if a.is_cuda and _mm_out_dtype_ok.get(key, True):
+        try:
+            return torch.mm(a, b, out_dtype=acc)  # cuBLAS accumulates in fp32 and writes fp32
+        except (RuntimeError, TypeError):  # overload missing in this build: remember and fall back
+            _mm_out_dtype_ok[key] = False
+    return torch.mm(a, b).to(acc)
+
+
+class _Gemm:
+    """The GEMMs of one call: operands in the compute dtype (hidden's), results read in the accumulation dtype.
+
+    On CPU an fp16/bf16 GEMM is emulated by an fp32 GEMM on the fp16/bf16-rounded operands: exact products and
+    fp32 sums, which is what a GPU's low-precision GEMM with fp32 output computes. The CPU fallback thus has the
+    GPU path's numerics (and avoids slow low-precision GEMMs on CPUs without bf16 units).
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor) -> None:
+        self.dtype = hidden.dtype
+        self.acc = acc_dtype(self.dtype)
+        self.emulate = self.dtype != self.acc and hidden.device.type == "cpu"
+        w = weight.to(self.dtype)  # once per call (under autocast: the cast autocast would make)
+        self.weight = w.to(self.acc) if self.emulate else w
+
+    def rows(self, h: Tensor) -> Tensor:
+        """A chunk of hidden as a GEMM operand."""
+        return h.to(self.acc) if self.emulate else h
+
+    def operand(self, g: Tensor) -> Tensor:
+        """fp32 gradient of the logits as a GEMM operand: rounded to the compute dtype, like the inputs.
+
+        May reuse ``g``'s storage (emulation rounds in place: no second fp32 chunk-sized buffer)."""
+        if self.emulate:
+            return g.copy_(g.to(self.dtype))
+        return g.to(self.dtype)
+
+    def logits(self, h: Tensor, bias: Tensor | None) -> Tensor:
+        """``h @ weight^T + bias`` as a fresh ``(n, V)`` tensor in ``acc`` (callers modify it in place)."""
+        if bias is not None and h.dtype == self.acc and bias.dtype == self.acc:
+            return torch.addmm(bias, h, self.weight.t())
+        z = _mm_acc(h, self.weight.t(), self.acc)
+        if bias is not None:
+            z.add_(bias.to(self.acc))  # in fp32: the bias is never rounded to the compute dtype
+        return z
+
+
+class _Rows:
+    """Which rows the chunks visit: the compacted valid rows (``index``), or all rows with a ``mask``."""
+
+    def __init__(self, labels: Tensor, ignore_index: int, vocab: int) -> None:
+        valid = valid_rows(labels, ignore_index, vocab)
+        self.index: Tensor | None = None
+        self.mask: Tensor | None = None
+        if can_compact(labels):
+            self.index = valid.nonzero().squeeze(1)
+            self.count = int(self.index.numel())
+        else:
+            self.mask = valid
+            self.count = labels.shape[0]
+        # Ignored / out-of-range labels become class 0 so gathers stay in bounds; masked rows discard the result.
+        self.labels = torch.where(valid, labels, torch.zeros_like(labels))
+
+    def chunks(self, step: int) -> Iterator[tuple[Tensor | slice, Tensor, Tensor | None]]:
+        """``(sel, labels_c, keep_c)`` per chunk: ``sel`` indexes rows (index tensor or slice), ``keep_c`` is the
+        valid-row mask of a masked chunk, None when rows were compacted."""
+        for start in range(0, self.count, step):
+            stop = min(start + step, self.count)
+            if self.index is not None:
+                sel = self.index[start:stop]
+                yield sel, self.labels.index_select(0, sel), None
+            else:
+                sel = slice(start, stop)
+                yield sel, self.labels[sel], self.mask[sel]
+
+
+def _take(t: Tensor, sel: Tensor | slice) -> Tensor:
+    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+
+def _put(dst: Tensor, sel: Tensor | slice, src: Tensor) -> None:
+    if isinstance(sel, slice):
+        dst[sel] = src
+    else:
+        dst.index_copy_(0, sel, src)
+
+
+def forward(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``(loss, logsumexp)``, each ``(N,)`` in the accumulation dtype of hidden's dtype.
+
+    hidden ``(N, E)``, weight ``(V, E)``, labels ``(N,)`` int64, bias ``(V,)`` or None. The loss is 0 at ignored
+    rows; the log-sum-exp there is 0 when rows were compacted and the row's own value when they were masked (it
+    is only read back by :func:`backward`).
+    """
+    acc = acc_dtype(hidden.dtype)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    loss = hidden.new_zeros(n_rows, dtype=acc)
+    lse = hidden.new_zeros(n_rows, dtype=acc)
+    if n_rows == 0:
+        return loss, lse
+    eps = float(label_smoothing)
+    # The op may run inside torch.autocast (custom ops pass it through to the ops they call): the casts are
+    # decided here, and fp32 arithmetic must not be re-cast to the autocast dtype.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        gemm = _Gemm(hidden, weight)
+        rows = _Rows(labels, ignore_index, vocab)
+        for sel, t_c, keep_c in rows.chunks(rows_per_chunk(vocab, acc)):
+            z = gemm.logits(gemm.rows(_take(hidden, sel)), bias)
+            target = z.gather(1, t_c.unsqueeze(1)).squeeze(1)
+            mean_logit = z.mean(1) if eps > 0 else None
+            # log-sum-exp in place (no second chunk-sized temporary): m + log(sum(exp(z - m))).
+            m = z.amax(1)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows of +-inf: no inf - inf
+            lse_c = z.sub_(m.unsqueeze(1)).exp_().sum(1).log_().add_(m)
+            del z  # free this chunk's logits before the next chunk allocates its own
+            # -log p_t = lse - z_t and mean_j(-log p_j) = lse - mean_j z_j, so F.cross_entropy's
+            # (1 - eps) * nll + eps * smooth simplifies to:
+            loss_c = lse_c - (1.0 - eps) * target
+            if mean_logit is not None:
+                loss_c = loss_c - eps * mean_logit
+            if keep_c is not None:
+                # Masked rows keep their (finite) log-sum-exp: backward's exp(z - lse) then stays <= 1 there and
+                # a zero row gradient zeroes it, instead of overflowing to inf * 0 = NaN.
+                loss_c = torch.where(keep_c, loss_c, torch.zeros_like(loss_c))
+            _put(loss, sel, loss_c)
+            _put(lse, sel, lse_c)
+    return loss, lse
+
+
+def backward(
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dhidden, dweight, dbias)`` for the entries of ``needs`` that are True (None for the others).
+
+    ``grad`` is the incoming gradient of the per-row loss, ``(N,)`` (any strides, e.g. expanded). Rows that are
+    not valid get no gradient whatever ``grad`` holds there (it is inf for an all-ignored ``mean``). Each gradient
+    has its input's dtype; dweight and dbias are accumulated in fp32 first.
+    """
+    need_dh, need_dw, need_db = needs
+    acc = acc_dtype(hidden.dtype)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    db = torch.zeros(vocab, dtype=acc, device=weight.device) if need_db and bias is not None else None
+    if n_rows > 0 and (dh is not None or dw is not None or db is not None):
+        eps = float(label_smoothing)
+        grad = grad.to(acc)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            gemm = _Gemm(hidden, weight)
+            rows = _Rows(labels, ignore_index, vocab)
+            for sel, t_c, keep_c in rows.chunks(rows_per_chunk(vocab, acc)):
+                h_c = gemm.rows(_take(hidden, sel))
+                g_c = _take(grad, sel)
+                if keep_c is not None:  # where, not multiply: grad may be inf at ignored rows
+                    g_c = torch.where(keep_c, g_c, torch.zeros_like(g_c))
+                # softmax from the saved log-sum-exp, in place on the recomputed fp32 logits
+                p = gemm.logits(h_c, bias).sub_(_take(lse, sel).unsqueeze(1)).exp_()
+                if eps > 0:
+                    p.sub_(eps / vocab)
+                p.scatter_add_(1, t_c.unsqueeze(1), p.new_full((p.shape[0], 1), eps - 1.0))
+                p.mul_(g_c.unsqueeze(1))  # p is now dloss/dlogits of the chunk, in fp32
+                if db is not None:
+                    db.add_(p.sum(0))
+                if dh is not None or dw is not None:
+                    gz = gemm.operand(p)  # no copy for fp32
+                    del p  # one chunk-sized buffer alive at a time
+                    if dh is not None:
+                        _put(dh, sel, torch.mm(gz, gemm.weight).to(dh.dtype))
+                    if dw is not None:
+                        if gz.dtype == acc:
+                            dw.addmm_(gz.t(), h_c)
+                        else:
+                            dw.add_(_mm_acc(gz.t(), h_c, acc))
+                    del gz
+                else:
+                    del p
+    return (
+        dh,
+        dw.to(weight.dtype) if dw is not None else None,
+        db.to(bias.dtype) if db is not None else None,
+    )

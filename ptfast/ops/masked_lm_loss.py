@@ -1,0 +1,291 @@
+"""``ptfast.masked_lm_loss``: cross-entropy over a vocabulary projection without materializing the logits.
+
+Registered ops (one definition each, all backends behind them):
+
+* ``ptfast::masked_lm_loss(hidden, weight, labels, bias, ignore_index, label_smoothing, backend)
+  -> (loss, lse)``: hidden ``(N, E)``, weight ``(V, E)``, labels ``(N,)`` int64, bias ``(V,)`` or None;
+  ``loss`` is the per-row loss ``(N,)`` (0 at ignored rows) and ``lse`` the per-row log-sum-exp ``(N,)``
+  (saved for backward), both fp32 (fp64 for fp64 hidden). The GEMMs run in hidden's dtype; weight is cast to
+  it inside the op and bias is added in fp32 (under autocast they arrive as the fp32 parameters).
+* ``ptfast::masked_lm_loss_backward(grad, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
+  need_dhidden, need_dweight, need_dbias, backend) -> (dhidden, dweight, dbias)``: ``grad`` is the incoming
+  gradient of the per-row loss ``(N,)``; each gradient has its input's dtype (dweight and dbias are accumulated
+  in fp32 first); gradients not asked for (or dbias without a bias) come back empty.
+
+The functional wrapper flattens the leading dims, validates, applies the autocast policy, picks the backend and
+does the reduction with plain torch ops on the per-row losses (``sum``, or ``sum / number of valid rows`` for
+``mean``, with no host sync). So a scaled loss or ``reduction="none"`` reaches backward as a per-row gradient,
+and an all-ignored ``mean`` is 0/0 = NaN with zero gradients, exactly like ``F.cross_entropy``.
+
+Autocast: hidden is cast to the autocast dtype and the GEMMs run in it (like ``linear``); weight is cast inside
+the op (per call, as autocast would) while the op keeps the fp32 parameter, so dweight and dbias go from fp32
+accumulators straight to fp32 gradients without the round trip through bf16 that ``linear`` under autocast
+makes. The log-sum-exp and the loss are fp32 and the returned loss is fp32 (like ``cross_entropy`` under
+autocast). Outside autocast the loss has the inputs' dtype, and mixed input dtypes are an error.
+
+Labels outside ``[0, V)`` that are not ``ignore_index`` raise ``ValueError`` when value checks run (eager by
+default). When checks are off (``PTFAST_CHECKS=0``, ``torch.compile``, CUDA-graph capture) such rows are
+treated exactly like ``ignore_index``: loss 0, no gradient, not counted by ``mean``; nothing reads out of bounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ptfast import _dispatch, _validation
+from ptfast.backends import Unimplemented
+from ptfast.backends.torch import masked_lm_loss as torch_mlm
+
+_OP = "masked_lm_loss"
+_IMPLS = {
+    "torch": torch_mlm,
+    "triton": Unimplemented("triton", _OP),
+    "cuda": Unimplemented("cuda", _OP),
+}
+_AUTO_ORDER = ("cuda", "triton", "torch")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("ptfast::masked_lm_loss", mutates_args=())
+def _mlm_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    _dispatch.record(_OP, backend, "forward")
+    return _IMPLS[backend].forward(hidden, weight, labels, bias, ignore_index, label_smoothing)
+
+
+@_mlm_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index, label_smoothing, backend):
+    acc = _acc_dtype(hidden.dtype)
+    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("ptfast::masked_lm_loss_backward", mutates_args=())
+def _mlm_backward_op(
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _dispatch.record(_OP, backend, "backward")
+    need_dbias = need_dbias and bias is not None
+    dh, dw, db = _IMPLS[backend].backward(
+        grad,
+        hidden,
+        weight,
+        labels,
+        bias,
+        lse,
+        ignore_index,
+        label_smoothing,
+        (need_dhidden, need_dweight, need_dbias),
+    )
+    # Outputs of a custom op may not alias each other: every empty placeholder is its own tensor.
+    return (
+        dh if need_dhidden else hidden.new_empty(0),
+        dw if need_dweight else weight.new_empty(0),
+        db if need_dbias else weight.new_empty(0),
+    )
+
+
+@_mlm_backward_op.register_fake
+def _(
+    grad,
+    hidden,
+    weight,
+    labels,
+    bias,
+    lse,
+    ignore_index,
+    label_smoothing,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    backend,
+):
+    need_dbias = need_dbias and bias is not None
+    dh = torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
+    db = torch.empty_like(bias) if need_dbias else weight.new_empty(0)
+    return dh, dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, bias, ignore_index, label_smoothing, backend = inputs
+    _loss, lse = output
+    # Backward recomputes each chunk's logits, so it needs hidden and weight whichever of them is frozen.
+    ctx.save_for_backward(hidden, weight, labels, bias, lse)
+    ctx.ignore_index, ctx.label_smoothing, ctx.backend = ignore_index, label_smoothing, backend
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    hidden, weight, labels, bias, lse = ctx.saved_tensors
+    need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
+    need_db = need_db and bias is not None
+    dh, dw, db = torch.ops.ptfast.masked_lm_loss_backward(
+        grad_loss,
+        hidden,
+        weight,
+        labels,
+        bias,
+        lse,
+        ctx.ignore_index,
+        ctx.label_smoothing,
+        need_dh,
+        need_dw,
+        need_db,
+        ctx.backend,
+    )
+    return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None, None, None, None)
+
+
+_mlm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(
+    hidden: object,
+    weight: object,
+    labels: object,
+    bias: object,
+    ignore_index: object,
+    reduction: object,
+    label_smoothing: object,
+) -> None:
+    op = _OP
+    hidden = _validation.check_tensor(op, "hidden", hidden, dtypes=_validation.FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError(f"ptfast.{op}: hidden must have at least 1 dimension (..., E), got a 0-d tensor")
+    weight = _validation.check_tensor(op, "weight", weight, ndim=2, dtypes=_validation.FLOAT_DTYPES)
+    labels = _validation.check_tensor(op, "labels", labels, dtypes=(torch.int64,))
+    if bias is not None:
+        bias = _validation.check_tensor(op, "bias", bias, ndim=1, dtypes=_validation.FLOAT_DTYPES)
+    vocab, emb = weight.shape
+    if vocab < 1:
+        raise ValueError(
+            f"ptfast.{op}: weight must have at least one row (vocabulary entry), got shape {tuple(weight.shape)}"
+        )
+    if hidden.shape[-1] != emb:
+        raise ValueError(
+            f"ptfast.{op}: hidden has {hidden.shape[-1]} features (last dim) but weight "
+            f"{tuple(weight.shape)} expects {emb}"
+        )
+    if bias is not None and bias.shape[0] != vocab:
+        raise ValueError(f"ptfast.{op}: bias has {bias.shape[0]} entries but weight has {vocab} rows (vocab)")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"ptfast.{op}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    _validation.check_same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ptfast.{op}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"ptfast.{op}: reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"ptfast.{op}: label_smoothing must be a float, got {label_smoothing!r}")
+    if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"ptfast.{op}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+
+
+def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    """Eager-only value check (one host sync): every label is in ``[0, vocab)`` or equals ``ignore_index``."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        values = labels[bad]
+        raise ValueError(
+            f"ptfast.{_OP}: label {int(values[0])} is out of range for vocabulary size {vocab} "
+            f"({values.numel()} bad label(s); valid labels are 0..{vocab - 1} or ignore_index={ignore_index})"
+        )
+
+
+def masked_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, labels, ...)`` without materializing the full logits.
+
+    Args:
+        hidden: ``(..., E)`` float (fp16, bf16, fp32, fp64); any number of leading dims, which may be empty.
+        weight: ``(V, E)``, the decoder / vocabulary projection (may be the tied word-embedding matrix: its
+            gradient adds to the embedding's).
+        labels: ``(...)`` int64 with shape ``hidden.shape[:-1]``; each in ``[0, V)`` or ``ignore_index``.
+        bias: ``(V,)`` or None.
+        ignore_index: label of rows that contribute nothing (no matrix work either).
+        reduction: ``"mean"`` (over non-ignored rows; NaN when every row is ignored, like PyTorch), ``"sum"`` or
+            ``"none"``.
+        label_smoothing: ``eps`` in ``[0, 1]``: loss = (1 - eps) * nll + eps * mean over classes of -log p.
+
+    Returns:
+        A scalar for ``"mean"`` / ``"sum"``; ``labels.shape`` for ``"none"`` (0 at ignored rows). The dtype is the
+        inputs' dtype, or fp32 under ``torch.autocast`` (where the matmuls run in the autocast dtype).
+
+    Raises:
+        TypeError / ValueError for bad arguments (checked before any work); ``ptfast.BackendNotSupportedError``
+        when an explicitly requested backend cannot run the inputs.
+    """
+    _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing)
+    vocab = weight.shape[0]
+    cast = _validation.autocast_dtype(hidden.device)
+    if cast is not None:
+        hidden = hidden.to(cast)  # weight and bias stay as they are: the op casts them (see module docstring)
+        out_dtype = torch.float32
+    else:
+        _validation.check_same_dtype(_OP, hidden=hidden, weight=weight, bias=bias)
+        out_dtype = hidden.dtype
+    if _validation.value_checks_enabled(labels):
+        _check_label_values(labels, ignore_index, vocab)
+    backend = _dispatch.choose(
+        _OP,
+        _IMPLS,
+        _AUTO_ORDER,
+        hidden=hidden,
+        weight=weight,
+        labels=labels,
+        bias=bias,
+        label_smoothing=float(label_smoothing),
+    )
+    flat_labels = labels.reshape(-1)
+    loss, _lse = torch.ops.ptfast.masked_lm_loss(
+        hidden.reshape(flat_labels.shape[0], hidden.shape[-1]),  # not -1: E may be 0
+        weight,
+        flat_labels,
+        bias,
+        ignore_index,
+        float(label_smoothing),
+        backend,
+    )
+    if reduction == "none":
+        return loss.reshape(labels.shape).to(out_dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        # Divide by a device tensor (no .item()); rows with out-of-range labels count as ignored (see module doc).
+        count = torch_mlm.valid_rows(flat_labels, ignore_index, vocab).sum()
+        total = total / count.to(total.dtype)
+    return total.to(out_dtype)
