@@ -118,3 +118,16 @@ def record_dispatch() -> Iterator[list[tuple[str, str, str]]]:
     finally:
         with _rec_lock:
             _recorders.remove(events)
+
+
+def constant_while_compiling(fn):
+    """Mark an environment probe (is triton importable? is the extension built? GPU capability?) so that
+    ``torch.compile`` calls it once while tracing and bakes its answer into the graph instead of tracing into
+    imports and device queries, which would break ``fullgraph=True``.
+
+    Same effect as ``torch.compiler.assume_constant_result``, which however imports ``torch._dynamo`` (and with
+    it triton) when applied; ``import ptfast`` must stay light, so the mark is set directly
+    (tests/test_dispatch.py checks that torch still uses this mark).
+    """
+    fn._dynamo_marked_constant = True
+    return fn

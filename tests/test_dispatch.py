@@ -91,3 +91,14 @@ def test_import_is_light():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_constant_while_compiling_uses_torchs_own_mark():
+    # ptfast sets the mark itself to keep `import ptfast` from importing torch._dynamo; fail loudly if torch
+    # ever stops honouring it.
+    def probe():
+        return "x"
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert _dispatch.constant_while_compiling(lambda: None)._dynamo_marked_constant is True

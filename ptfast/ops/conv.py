@@ -16,14 +16,11 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation
-from ptfast.backends import Unimplemented
+from ptfast.backends.cuda import conv as cuda_conv
 from ptfast.backends.torch import conv as torch_conv
+from ptfast.backends.triton import conv as triton_conv
 
-_IMPLS = {
-    "torch": torch_conv,
-    "triton": Unimplemented("triton", "conv_relu"),
-    "cuda": Unimplemented("cuda", "conv_relu"),
-}
+_IMPLS = {"torch": torch_conv, "triton": triton_conv, "cuda": cuda_conv}
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 

@@ -1,0 +1,43 @@
+// In-place fused bias + ReLU epilogue for a convolution output: y = max(y + bias[c], 0).
+//
+// This header is host-only (no device code, no torch headers) so that both the torch binding
+// (compiled by the host C++ compiler) and the kernel's own translation unit (nvcc) can include it.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace ptfast {
+
+// Memory layout of the 4-D tensor y of logical shape (N, C, H, W).
+enum BiasReluLayout : int {
+  kBiasReluNCHW = 0,  // contiguous: channel index is constant along each H*W plane
+  kBiasReluNHWC = 1,  // channels_last: channel index is the innermost (contiguous) index
+};
+
+// Element type of y and bias (both must have the same one).
+enum BiasReluDtype : int {
+  kBiasReluFloat32 = 0,
+  kBiasReluFloat16 = 1,
+  kBiasReluBFloat16 = 2,
+};
+
+}  // namespace ptfast
+
+extern "C" {
+
+// Launches the kernel on `stream`: for every element of y (logical shape (n, c, hw), hw = H * W) computes
+// y = max(y + bias[channel], 0) in fp32 and rounds once to y's dtype. NaN propagates (like torch.relu).
+//
+// y:      device pointer to n * c * hw elements laid out as `layout` says.
+// bias:   device pointer to c elements of the same dtype, or nullptr for ReLU only.
+// layout: a ptfast::BiasReluLayout value; dtype: a ptfast::BiasReluDtype value.
+//
+// Returns cudaErrorInvalidValue for bad arguments (negative sizes, unknown enum values, null y with
+// elements), otherwise the launch status (cudaGetLastError right after the launch). Launches nothing when
+// y is empty. Does not synchronize.
+cudaError_t ptfast_bias_relu_inplace(void* y, const void* bias, int64_t n, int64_t c, int64_t hw, int layout,
+                                     int dtype, cudaStream_t stream);
+
+}  // extern "C"

@@ -1,0 +1,149 @@
+"""Triton kernel: in-place ``y = max(y + bias[c], 0)`` on a 4-D NCHW or channels_last tensor.
+
+This module imports triton at import time; the triton conv backend imports it lazily, only when it runs, so
+``import ptfast`` never imports triton. Importing it also registers every configuration :func:`bias_relu_` can
+launch with the compile-for-target registry (:mod:`ptfast.backends.triton.compile_targets`).
+
+Both layouts are viewed as a row-major matrix ``[rows, inner]`` with a contiguous inner dimension:
+
+* NCHW: ``rows = N * C``, ``inner = H * W``, channel ``= row % C`` (one bias value per row);
+* NHWC (channels_last): ``rows = N * H * W``, ``inner = C``, channel ``= column``.
+
+Each program handles one ``BLOCK_R x BLOCK_C`` tile; the block shape comes from a fixed table keyed on
+``inner`` (no autotuning, so every process picks the same kernel), keeping ~1024 elements per program.
+Offsets are int64: tensors may exceed 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from ptfast.backends.triton import compile_targets
+
+
+@triton.jit
+def _bias_relu_kernel(
+    y_ptr,
+    bias_ptr,
+    rows,
+    inner,
+    channels,
+    HAS_BIAS: tl.constexpr,
+    CHANNEL_IS_ROW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(inner, BLOCK_C)
+    r = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    c = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    r_ok = r < rows
+    c_ok = c < inner
+    mask = r_ok[:, None] & c_ok[None, :]
+    offsets = r[:, None] * inner + c[None, :]
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+    v = y.to(tl.float32)
+    if HAS_BIAS:
+        if CHANNEL_IS_ROW:
+            b = tl.load(bias_ptr + r % channels, mask=r_ok, other=0.0).to(tl.float32)
+            v = v + b[:, None]
+        else:
+            b = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            v = v + b[None, :]
+    # where(v < 0, 0, v) rather than maximum: NaN stays NaN, like torch.relu.
+    v = tl.where(v < 0.0, 0.0, v)
+    tl.store(y_ptr + offsets, v.to(y.dtype), mask=mask)
+
+
+# (BLOCK_R, BLOCK_C, num_warps), picked by the length of the contiguous inner dimension: the narrowest tile
+# that covers a whole row (H*W in NCHW, C in channels_last), capped at 1024 columns.
+BLOCK_CONFIGS: tuple[tuple[int, int, int], ...] = ((64, 16, 4), (16, 64, 4), (4, 256, 4), (1, 1024, 4))
+
+_TRITON_DTYPES: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_TRITON_DTYPES)
+
+
+def pick_config(inner: int) -> tuple[int, int, int]:
+    for cfg in BLOCK_CONFIGS:
+        if cfg[1] >= inner:
+            return cfg
+    return BLOCK_CONFIGS[-1]
+
+
+def _config_name(dtype: str, channels_last: bool, has_bias: bool, cfg: tuple[int, int, int]) -> str:
+    layout = "nhwc" if channels_last else "nchw"
+    return f"bias_relu[{dtype},{layout},{'bias' if has_bias else 'nobias'},{cfg[0]}x{cfg[1]},w{cfg[2]}]"
+
+
+def _register_configs() -> None:
+    """Every (dtype, layout, bias or not, block config) that :func:`bias_relu_` can launch."""
+    configs = itertools.product(_TRITON_DTYPES.values(), (False, True), (True, False), BLOCK_CONFIGS)
+    for tdtype, channels_last, has_bias, (block_r, block_c, num_warps) in configs:
+        compile_targets.register(
+            _config_name(tdtype, channels_last, has_bias, (block_r, block_c, num_warps)),
+            _bias_relu_kernel,
+            signature={
+                "y_ptr": f"*{tdtype}",
+                "bias_ptr": f"*{tdtype}",
+                "rows": "i32",
+                "inner": "i32",
+                "channels": "i32",
+            },
+            constexprs={
+                "HAS_BIAS": has_bias,
+                "CHANNEL_IS_ROW": not channels_last,
+                "BLOCK_R": block_r,
+                "BLOCK_C": block_c,
+            },
+            num_warps=num_warps,
+            divisible_by_16=("y_ptr", "bias_ptr"),
+        )
+
+
+_register_configs()
+
+
+def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """In place ``y = relu(y + bias[c])`` (``bias=None``: ReLU only); returns ``y``.
+
+    ``y``: ``(N, C, H, W)`` fp16/bf16/fp32, contiguous in NCHW or channels_last; ``bias``: ``(C,)``, same dtype
+    and device, contiguous. The caller (the conv backend) has validated everything else.
+    """
+    if y.dim() != 4 or y.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"bias_relu_: y must be a 4-D fp16/bf16/fp32 tensor, got {y.dtype} {tuple(y.shape)}")
+    n, c, h, w = y.shape
+    # Contiguous both ways (C == 1 or H * W == 1) reads the same memory either way: take NCHW.
+    if y.is_contiguous():
+        channels_last, rows, inner = False, n * c, h * w
+    elif y.is_contiguous(memory_format=torch.channels_last):
+        channels_last, rows, inner = True, n * h * w, c
+    else:
+        raise ValueError(f"bias_relu_: y must be contiguous in NCHW or channels_last, got strides {y.stride()}")
+    if bias is not None and (bias.shape != (c,) or bias.dtype != y.dtype or not bias.is_contiguous()):
+        raise ValueError(
+            f"bias_relu_: bias must be a contiguous ({c},) {y.dtype} tensor, got {bias.dtype} {tuple(bias.shape)}"
+        )
+    if y.numel() == 0:
+        return y
+    block_r, block_c, num_warps = pick_config(inner)
+    grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_c),)
+    # Triton launches on the current CUDA device: make it y's.
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        _bias_relu_kernel[grid](
+            y,
+            bias if bias is not None else y,  # never read when HAS_BIAS is False
+            rows,
+            inner,
+            c,
+            HAS_BIAS=bias is not None,
+            CHANNEL_IS_ROW=not channels_last,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
+    return y

@@ -1,0 +1,76 @@
+"""CI compile-for-target checks, no GPU needed (marker ``compile_check``).
+
+* every ``csrc/**/*.cu`` compiles with nvcc for sm_80 and sm_90a (``csrc/compile_check.py``);
+* every registered Triton kernel config compiles for sm_80 and sm_90
+  (``python -m ptfast.backends.triton.compile_targets``), and every registered config is in the output.
+
+Both run as subprocesses: the Triton one must not see TRITON_INTERPRET, and neither should import triton or
+initialize anything in the test process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.compile_check
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("80", "90")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _nvcc_available() -> bool:
+    """The same lookup compile_check.py uses (CUDA_HOME / CUDA_PATH / /usr/local/cuda / PATH)."""
+    spec = importlib.util.spec_from_file_location("_ptfast_compile_check", ROOT / "csrc" / "compile_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.find_nvcc() is not None
+
+
+def test_csrc_compiles_with_nvcc_for_sm80_and_sm90a() -> None:
+    if not _nvcc_available():
+        pytest.skip("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+    proc = _run(["csrc/compile_check.py", "--arch", "sm_80", "sm_90a"], timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for cu in sorted((ROOT / "csrc").rglob("*.cu")):
+        rel = cu.relative_to(ROOT / "csrc")
+        for arch in ("sm_80", "sm_90a"):
+            assert f"OK   {rel} [{arch}]" in out, f"{rel} [{arch}] missing from:\n{out}"
+
+
+def test_triton_configs_compile_for_sm80_and_sm90() -> None:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    listing = _run(["-m", "ptfast.backends.triton.compile_targets", "--list"], timeout=300)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    names = listing.stdout.splitlines()[:-1]  # last line: "<n> configs registered"
+    assert names and listing.stdout.splitlines()[-1] == f"{len(names)} configs registered"
+    assert any(n.startswith("bias_relu[") for n in names)
+
+    proc = _run(["-m", "ptfast.backends.triton.compile_targets", "--arch", *ARCHS], timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    compiled = set(re.findall(r"^OK   sm_(\d+) (\S+):", proc.stdout, flags=re.MULTILINE))
+    missing = [(arch, n) for arch in ARCHS for n in names if (arch, n) not in compiled]
+    assert not missing, f"configs not compiled: {missing[:10]} ...\n{out[-3000:]}"

@@ -1,0 +1,160 @@
+"""GPU tests of the cuda and triton conv_relu backends (cuDNN conv + fused in-place bias+ReLU kernel).
+
+* ``conv_relu`` through the public API with an explicit backend, forward and all gradients, bf16/fp16/fp32,
+  NCHW and channels_last, with and without bias, against a float64 reference, using the low-precision rule
+  of DESIGN.md §4: ``err(ptfast) <= 2 * err(torch in the same dtype) + 1e-5``, where "torch in the same dtype"
+  is ``F.relu(F.conv2d(...))`` (fp32 convolutions may use TF32 in both, as cuDNN allows by default).
+* The bias+ReLU kernels on their own: bit-exact against ``relu(y.float() + bias.float())`` rounded once to
+  y's dtype (both kernels add in fp32 and round to nearest-even once), NaN propagation, grid-stride tails.
+
+Only collected with a GPU; a backend that cannot run here (extension not built, old GPU) is skipped with its
+reason, which ``pytest -rs`` shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ptfast
+from ptfast.backends import cuda as cuda_backend
+from ptfast.backends import triton as triton_backend
+from ptfast.testing import record_dispatch
+from tests.helpers import assert_ran, assert_rule
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPE_IDS = ["bf16", "fp16", "fp32"]
+
+
+def _require(backend: str) -> None:
+    device = torch.device("cuda")
+    reason = cuda_backend.unavailable_reason(device) if backend == "cuda" else triton_backend.device_reason(device)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _bias_relu_kernel(backend: str):
+    _require(backend)
+    if backend == "cuda":
+        return cuda_backend.extension().bias_relu_
+    from ptfast.backends.triton.bias_relu import bias_relu_
+
+    return bias_relu_
+
+
+def _conv_relu_and_grads(x, weight, bias, padding: int, grad):
+    """(out, dx, dweight[, dbias]) of relu(conv2d(x, weight, bias)) with PyTorch's own ops in x's dtype."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    out = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    return (out.detach(), *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    ("n", "cin", "cout", "h", "w", "k", "padding"),
+    [(2, 3, 5, 7, 9, 3, 1), (2, 3, 5, 7, 9, 1, 0), (3, 16, 24, 15, 17, 3, 0), (2, 64, 64, 33, 31, 3, 1)],
+)
+def test_conv_relu_backend_vs_float64(backend, dtype, channels_last, with_bias, n, cin, cout, h, w, k, padding):
+    _require(backend)
+    dev = torch.device("cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(cout, device=dev).to(dtype).requires_grad_() if with_bias else None
+    inputs = [x, weight] + ([bias] if with_bias else [])
+
+    with ptfast.use_backend(backend), record_dispatch() as events:
+        out = ptfast.conv_relu(x, weight, bias, padding=padding)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad)
+    assert_ran(events, "conv_relu", backend, ("forward", "backward"))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+
+    # Oracle: the same (already rounded) inputs in float64; "torch same dtype": PyTorch's ops in dtype.
+    bias64 = bias.double() if with_bias else None
+    oracle = _conv_relu_and_grads(x.double(), weight.double(), bias64, padding, grad.double())
+    same = _conv_relu_and_grads(x, weight, bias, padding, grad)
+    names = ["out", "dx", "dweight", "dbias"][: len(oracle)]
+    for name, ours, theirs, ref in zip(names, (out, *grads), same, oracle, strict=True):
+        assert_rule(ours, theirs, ref, f"{backend} {name} {dtype}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_conv_relu_pool_refused(backend) -> None:
+    _require(backend)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    weight = torch.randn(4, 3, 3, 3, device="cuda")
+    with ptfast.use_backend(backend), pytest.raises(ptfast.BackendNotSupportedError, match="conv_relu_pool"):
+        ptfast.conv_relu_pool(x, weight)
+
+
+# (shape, channels_last): inner sizes (H*W or C) below, at and above each block / warp width, short rows that
+# share a block, and for the CUDA kernel more rows than gridDim.y = 65535 covers in one pass (grid-stride).
+KERNEL_SHAPES = [
+    ((2, 3, 5, 7), False),
+    ((2, 5, 1, 1), False),
+    ((2, 1, 4, 4), True),
+    ((3, 7, 33, 31), False),
+    ((2, 3, 37, 41), True),
+    ((2, 64, 17, 19), True),
+    ((2, 1100, 2, 3), True),
+    ((1, 3, 1024, 1024), True),  # rows = 2^20 > 65535 * 8
+    ((8, 70000, 1, 3), False),  # rows = 560000 > 65535 * 8 (inner 3 -> CUDA block 32 x 8)
+]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("shape", "channels_last"), KERNEL_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_bias_relu_kernel_exact(backend, dtype, shape, channels_last, with_bias) -> None:
+    kernel = _bias_relu_kernel(backend)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    y[0, 0, 0, 0] = float("nan")
+    bias = torch.randn(shape[1], device="cuda").to(dtype) if with_bias else None
+    expected = y.float()
+    if with_bias:
+        expected = expected + bias.float().view(1, -1, 1, 1)
+    expected = torch.relu(expected).to(dtype)
+    kernel(y, bias)
+    torch.cuda.synchronize()
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cuda_extension_rejects_bad_inputs() -> None:
+    kernel = _bias_relu_kernel("cuda")
+    y = torch.randn(2, 3, 4, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(y.transpose(2, 3), None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernel(y, torch.randn(3, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="shape"):
+        kernel(y, torch.randn(4, device="cuda"))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        kernel(y.cpu(), None)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        kernel(y.double(), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bias_relu_kernel_beyond_int32_elements(backend) -> None:
+    """> 2^31 elements (4.3 GB in fp16): offsets past 2^31 must not wrap. Checks the last rows only."""
+    kernel = _bias_relu_kernel(backend)
+    y = torch.randn(1, 2, 32768, 32769, device="cuda", dtype=torch.float16)
+    assert y.numel() > 2**31
+    bias = torch.randn(2, device="cuda", dtype=torch.float16)
+    tail = y[:, :, -3:, :].clone()
+    expected = torch.relu(tail.float() + bias.float().view(1, -1, 1, 1)).half()
+    kernel(y, bias)
+    torch.testing.assert_close(y[:, :, -3:, :], expected, rtol=0, atol=0)
