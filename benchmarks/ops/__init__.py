@@ -1,0 +1,22 @@
+"""Op specs, one module per op family. ``REGISTRY`` maps an op name to ``(module, spec factory name)``;
+modules are imported only when their op is asked for, so one broken spec cannot stop the others."""
+
+from __future__ import annotations
+
+import importlib
+
+from benchmarks.common import OpSpec
+
+REGISTRY: dict[str, tuple[str, str]] = {
+    "attention": ("benchmarks.ops.attention", "spec"),
+    "masked_lm_loss": ("benchmarks.ops.masked_lm_loss", "spec"),
+    "conv_relu": ("benchmarks.ops.conv", "spec_conv_relu"),
+    "conv_relu_pool": ("benchmarks.ops.conv", "spec_conv_relu_pool"),
+}
+
+
+def load(name: str) -> OpSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown op {name!r}; known: {', '.join(REGISTRY)}")
+    module, factory = REGISTRY[name]
+    return getattr(importlib.import_module(module), factory)()

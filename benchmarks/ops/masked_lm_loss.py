@@ -1,0 +1,279 @@
+"""Masked-LM loss benchmark spec: ptfast.masked_lm_loss against the ways people compute the MLM head loss.
+
+Shapes (bf16 hidden/weight, fp32 loss):
+
+* BERT-base head: 256 x 128 = 32768 tokens, 15% of them labelled, hidden 768, vocab 30522, with decoder bias.
+* BERT-large head: the same with hidden 1024.
+* Large vocabulary: 8192 tokens x hidden 2048 x vocab 256000, every row labelled, no bias (LLM-style head).
+
+Useful FLOPs: 2·rows·E·V forward on *labelled* rows only, x3 for forward+backward (the two gradient GEMMs).
+Providers that project every token do more arithmetic than they are credited with; that is the point of the
+comparison. Peak memory is reported next to time because memory (the logits) is half of the story here.
+
+PyTorch baselines cast the logits to fp32 before ``F.cross_entropy``, which is what ``cross_entropy`` does under
+AMP autocast (it is on autocast's fp32 list), i.e. what a Hugging Face BERT trained with AMP pays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.common import (
+    Case,
+    Inputs,
+    OpSpec,
+    Options,
+    Provider,
+    Skip,
+    Step,
+    compiled,
+    generator,
+    import_ptfast,
+    make_step,
+    randn,
+    require_compile,
+)
+
+IGNORE = -100
+PTFAST_BACKENDS = ("torch", "triton", "cuda", "auto")
+
+
+def _case(
+    name: str, rows: tuple[int, ...], hidden: int, vocab: int, frac: float, bias: bool, graph: bool = False
+) -> Case:
+    n = 1
+    for r in rows:
+        n *= r
+    valid = n if frac >= 1.0 else max(1, round(frac * n))
+    return Case(name, dict(rows=list(rows), N=n, E=hidden, V=vocab, valid=valid, bias=bias), graph=graph)
+
+
+def cases(opts: Options) -> list[Case]:
+    if opts.quick:
+        return [
+            _case("tiny 15% masked", (4, 64), 64, 1000, 0.15, True, graph=True),
+            _case("tiny all rows", (96,), 64, 1001, 1.0, False, graph=True),
+        ]
+    return [
+        _case("bert-base 32k tok", (256, 128), 768, 30522, 0.15, True),
+        _case("bert-large 32k tok", (256, 128), 1024, 30522, 0.15, True),
+        _case("large vocab 8k x 256k", (8192,), 2048, 256000, 1.0, False),
+    ]
+
+
+def flops(case: Case, mode: str) -> float:
+    p = case.params
+    fwd = 2.0 * p["valid"] * p["E"] * p["V"]
+    return 3.0 * fwd if mode == "fwd+bwd" else fwd
+
+
+def make_inputs(case: Case, opts: Options, seed: int) -> Inputs:
+    p = case.params
+    g = generator(opts.device, 29 + seed)
+    hidden = randn((*p["rows"], p["E"]), opts, g).requires_grad_()
+    weight = randn((p["V"], p["E"]), opts, g, scale=0.02).requires_grad_()  # BERT's init scale
+    bias = randn((p["V"],), opts, g, scale=0.02).requires_grad_() if p["bias"] else None
+    labels = torch.randint(0, p["V"], (p["N"],), device=opts.device, generator=g)
+    if p["valid"] < p["N"]:
+        # Exactly `valid` labelled rows at random positions (a fixed count keeps FLOPs identical across sets).
+        drop = torch.randperm(p["N"], device=opts.device, generator=g)[p["valid"] :]
+        labels[drop] = IGNORE
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "bias": bias,
+        "labels": labels.view(p["rows"]),
+        "leaves": [hidden, weight, bias],
+    }
+
+
+def _ptfast(backend: str) -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        ptfast = import_ptfast()
+
+        def fwd() -> Tensor:
+            with ptfast.use_backend(backend):
+                return ptfast.masked_lm_loss(
+                    inp["hidden"], inp["weight"], inp["labels"], inp["bias"], ignore_index=IGNORE
+                )
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider(f"ptfast[{backend}]", "ptfast", f"ptfast.masked_lm_loss with use_backend({backend!r})", build)
+
+
+def _all_tokens(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor) -> Tensor:
+    logits = F.linear(h, w, b)
+    return F.cross_entropy(logits.reshape(-1, w.shape[0]).float(), y.reshape(-1), ignore_index=IGNORE)
+
+
+def _hf_all_tokens() -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        def fwd() -> Tensor:
+            return _all_tokens(inp["hidden"], inp["weight"], inp["bias"], inp["labels"])
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider(
+        "hf-all-tokens",
+        "pytorch",
+        "stock HF BertForMaskedLM head: linear over all tokens, fp32 F.cross_entropy(ignore_index)",
+        build,
+    )
+
+
+def _gathered_loss(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(h, w, b).float(), y)
+
+
+def _gather(inp: Inputs) -> tuple[Tensor, Tensor]:
+    # Boolean indexing: one host sync per call, which is what eager users pay; it is inside the timing.
+    labels = inp["labels"].reshape(-1)
+    sel = labels != IGNORE
+    return inp["hidden"].reshape(-1, inp["hidden"].shape[-1])[sel], labels[sel]
+
+
+def _gathered() -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        def fwd() -> Tensor:
+            h, y = _gather(inp)
+            return _gathered_loss(h, inp["weight"], inp["bias"], y)
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider(
+        "gathered",
+        "pytorch",
+        "plain PyTorch on labelled rows only (boolean gather incl. its host sync, then linear + fp32 cross_entropy)",
+        build,
+    )
+
+
+def _compiled_gathered(opts: Options) -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        require_compile(opts)
+        fn = compiled(_gathered_loss)
+
+        def fwd() -> Tensor:
+            h, y = _gather(inp)  # data-dependent shape: gathered eagerly, the rest is one static graph
+            return fn(h, inp["weight"], inp["bias"], y)
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider(
+        "compile-gathered",
+        "pytorch",
+        "eager gather, then torch.compile(linear + cross_entropy, mode=default, dynamic=False)",
+        build,
+    )
+
+
+def _torch_linear_ce() -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        fn = getattr(F, "linear_cross_entropy", None)
+        options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+        if fn is None or options_cls is None:
+            raise Skip(f"F.linear_cross_entropy (chunked) is not in torch {torch.__version__}")
+        options = options_cls()
+        e = inp["hidden"].shape[-1]
+
+        def fwd() -> Tensor:
+            return fn(
+                inp["hidden"].reshape(-1, e),
+                inp["weight"],
+                inp["labels"].reshape(-1),
+                linear_bias=inp["bias"],
+                ignore_index=IGNORE,
+                options=options,
+            )
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider(
+        "torch-linear-ce",
+        "pytorch",
+        "F.linear_cross_entropy(options=LinearCrossEntropyOptions()) (chunked) on all tokens",
+        build,
+    )
+
+
+def _liger() -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as e:
+            raise Skip(f"Liger-Kernel is not importable ({e.__class__.__name__}: {e})") from e
+        if inp["hidden"].device.type != "cuda":
+            raise Skip("Liger-Kernel needs CUDA")
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+        e = inp["hidden"].shape[-1]
+
+        def fwd() -> Tensor:
+            out: Any = loss_fn(inp["weight"], inp["hidden"].reshape(-1, e), inp["labels"].reshape(-1), inp["bias"])
+            return out[0] if isinstance(out, tuple) else out
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider("liger", "external", "Liger-Kernel LigerFusedLinearCrossEntropyLoss on all tokens", build)
+
+
+def _cce() -> Provider:
+    def build(case: Case, inp: Inputs, mode: str) -> Step:
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as e:
+            raise Skip(f"cut-cross-entropy is not importable ({e.__class__.__name__}: {e})") from e
+        if inp["hidden"].device.type != "cuda":
+            raise Skip("cut-cross-entropy needs CUDA")
+        e = inp["hidden"].shape[-1]
+
+        def fwd() -> Tensor:
+            return linear_cross_entropy(
+                inp["hidden"].reshape(-1, e),
+                inp["weight"],
+                inp["labels"].reshape(-1),
+                bias=inp["bias"],
+                ignore_index=IGNORE,
+                reduction="mean",
+            )
+
+        return make_step(fwd, inp["leaves"], mode, None)
+
+    return Provider(
+        "cut-cross-entropy", "external", "Apple's cut-cross-entropy linear_cross_entropy on all tokens", build
+    )
+
+
+def providers(opts: Options) -> list[Provider]:
+    return [
+        *(_ptfast(b) for b in PTFAST_BACKENDS),
+        _hf_all_tokens(),
+        _gathered(),
+        _compiled_gathered(opts),
+        _torch_linear_ce(),
+        _liger(),
+        _cce(),
+    ]
+
+
+def spec() -> OpSpec:
+    return OpSpec(
+        name="masked_lm_loss",
+        title="Masked-LM loss (bf16 hidden/weight, fp32 loss): ptfast vs PyTorch heads",
+        cases=cases,
+        make_inputs=make_inputs,
+        providers=providers,
+        flops=flops,
+        baseline="hf-all-tokens",
+        reference=("hf-all-tokens", "gathered", "ptfast[torch]"),
+        notes=[
+            "Liger-Kernel and cut-cross-entropy are measured only when importable on the machine "
+            "(not installed on the offline GPU machine by default); otherwise they are listed as skipped.",
+        ],
+        case_doc="N tokens (rows), valid = labelled rows, E hidden size, V vocabulary; TFLOP/s count labelled rows "
+        "only (2·valid·E·V forward, x3 with backward).",
+    )
