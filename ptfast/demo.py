@@ -82,7 +82,8 @@ def _tour(device: torch.device, rows: list) -> bool:
     torch.manual_seed(1)
     same = torch.equal(out1, ptfast.attention(q, k, v, dropout_p=0.1, key_mask=key_mask))
     ok &= same
-    rows.append(("attention dropout=0.1", "ok" if same else "MISMATCH", "same seed -> same output", _where(events)))
+    # Dropout streams differ from SDPA's by design; what must hold is reproducibility under one torch seed.
+    rows.append(("attention dropout=0.1, same seed twice", "ok" if same else "MISMATCH", "0 (bitwise)", _where(events)))
 
     cu = torch.tensor([0, 37, 58], dtype=torch.int32, device=device)
     packed = [torch.cat([t[0, :, :37].transpose(0, 1), t[1, :, :21].transpose(0, 1)]) for t in (q, k, v)]
