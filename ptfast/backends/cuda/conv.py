@@ -1,23 +1,20 @@
-"""conv + bias + ReLU on the CUDA backend: cuDNN convolution, then the fused in-place bias+ReLU kernel.
+"""conv + bias + ReLU on the CUDA backend: cuDNN convolution, then ``csrc/bias_relu`` in place.
 
-``F.conv2d`` without bias writes the conv output once; ``csrc/bias_relu`` then reads and writes it once more
-(eager PyTorch instead runs conv with bias, then a separate ReLU). The pooled variant has no kernel yet.
-Backward needs only the output (``out > 0`` is the ReLU mask), which is the torch backend's, so it delegates.
+The shared shape of this path (and the refusal of the pooled variant) is in :mod:`ptfast.backends.conv_epilogue`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ptfast._dispatch import constant_while_compiling
+from ptfast.backends import conv_epilogue
 from ptfast.backends import cuda as cuda_backend
-from ptfast.backends.torch import conv as torch_conv
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Ops this backend module is registered for but has no kernel for yet (read by ptfast.env_report).
-NOT_IMPLEMENTED: dict[str, str] = {"conv_relu_pool": "cuda: conv_relu_pool kernel not implemented yet"}
+NOT_IMPLEMENTED: dict[str, str] = {"conv_relu_pool": conv_epilogue.pool_reason("cuda")}
+
+backward = conv_epilogue.backward
 
 
 # supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
@@ -28,14 +25,7 @@ def _device_reason(device: torch.device) -> str | None:
 
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, padding, pool)."""
-    if meta.get("pool"):
-        return NOT_IMPLEMENTED["conv_relu_pool"]
-    x = meta.get("x")
-    if not isinstance(x, torch.Tensor):
-        return "cuda: no input tensor given"
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"cuda: dtype {x.dtype} not supported (float16, bfloat16, float32)"
-    return _device_reason(x.device)
+    return conv_epilogue.supports("cuda", meta, _device_reason)
 
 
 def forward(
@@ -46,27 +36,7 @@ def forward(
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if pool:  # supports() refuses pool, so the dispatcher never gets here with it
-        raise NotImplementedError(NOT_IMPLEMENTED["conv_relu_pool"])
     ext = cuda_backend.extension()
     if ext is None:
         raise RuntimeError(cuda_backend.extension_reason())
-    # cuDNN picks x's layout for its output already; .contiguous() makes the layout certain (no-op then).
-    z = F.conv2d(x, weight, None, padding=padding).contiguous(memory_format=torch_conv.memory_format(x))
-    ext.bias_relu_(z, bias.contiguous() if bias is not None else None)
-    return z, x.new_empty(0, dtype=torch.uint8)
-
-
-def backward(
-    grad: torch.Tensor,
-    out: torch.Tensor,
-    argmax: torch.Tensor,
-    x: torch.Tensor | None,
-    weight: torch.Tensor,
-    x_shape: list[int],
-    padding: int,
-    pool: bool,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Same saved tensors as the torch backend (the output is identical), so its backward applies as is."""
-    return torch_conv.backward(grad, out, argmax, x, weight, x_shape, padding, pool, needs)
+    return conv_epilogue.forward(x, weight, bias, padding, pool, ext.bias_relu_)
