@@ -234,6 +234,18 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
         raise ValueError(f"ptfast.{op}: key {tuple(k.shape)} and value {tuple(v.shape)} must match ({layout})")
 
 
+def _check_tensors_and_options(
+    op: str, query: object, key: object, value: object, ndim: int, dropout_p: object, is_causal: object, scale: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Type/rank/dtype of q, k, v and the scalar options, shared by the padded and packed ops."""
+    fl = _validation.FLOAT_DTYPES
+    q = _validation.check_tensor(op, "query", query, ndim=ndim, dtypes=fl)
+    k = _validation.check_tensor(op, "key", key, ndim=ndim, dtypes=fl)
+    v = _validation.check_tensor(op, "value", value, ndim=ndim, dtypes=fl)
+    _check_options(op, dropout_p, is_causal, scale)
+    return q, k, v
+
+
 def _check_attention(
     op: str,
     query: object,
@@ -245,11 +257,7 @@ def _check_attention(
     is_causal: object,
     scale: object,
 ) -> None:
-    fl = _validation.FLOAT_DTYPES
-    q = _validation.check_tensor(op, "query", query, ndim=4, dtypes=fl)
-    k = _validation.check_tensor(op, "key", key, ndim=4, dtypes=fl)
-    v = _validation.check_tensor(op, "value", value, ndim=4, dtypes=fl)
-    _check_options(op, dropout_p, is_causal, scale)
+    q, k, v = _check_tensors_and_options(op, query, key, value, 4, dropout_p, is_causal, scale)
     layout = "query (B, H, Lq, D), key/value (B, H, Lk, D)"
     if k.shape[:2] != q.shape[:2]:
         raise ValueError(
@@ -320,11 +328,7 @@ def _check_varlen(
     is_causal: object,
     scale: object,
 ) -> None:
-    fl = _validation.FLOAT_DTYPES
-    q = _validation.check_tensor(op, "query", query, ndim=3, dtypes=fl)
-    k = _validation.check_tensor(op, "key", key, ndim=3, dtypes=fl)
-    v = _validation.check_tensor(op, "value", value, ndim=3, dtypes=fl)
-    _check_options(op, dropout_p, is_causal, scale)
+    q, k, v = _check_tensors_and_options(op, query, key, value, 3, dropout_p, is_causal, scale)
     layout = "query (total_q, H, D), key/value (total_k, H, D)"
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"ptfast.{op}: key has {k.shape[1]} heads but query has {q.shape[1]} ({layout})")
