@@ -32,15 +32,17 @@ from ptfast import _dispatch, _dropout, _validation
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import attention as torch_attention
 from ptfast.backends.torch import attention_varlen as torch_attention_varlen
+from ptfast.backends.triton import attention as triton_attention
+from ptfast.backends.triton import attention_varlen as triton_attention_varlen
 
 _IMPLS = {
     "torch": torch_attention,
-    "triton": Unimplemented("triton", "attention"),
+    "triton": triton_attention,
     "cuda": Unimplemented("cuda", "attention"),
 }
 _VARLEN_IMPLS = {
     "torch": torch_attention_varlen,
-    "triton": Unimplemented("triton", "attention_varlen"),
+    "triton": triton_attention_varlen,
     "cuda": Unimplemented("cuda", "attention_varlen"),
 }
 _AUTO_ORDER = ("cuda", "triton", "torch")

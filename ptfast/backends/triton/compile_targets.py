@@ -1,7 +1,8 @@
 """Registry of Triton kernel configurations, and a CLI that compiles them for GPU targets without a GPU.
 
-    python -m ptfast.backends.triton.compile_targets --arch 80 90     # compile every registered config
-    python -m ptfast.backends.triton.compile_targets --list           # just list the registered names
+    python -m ptfast.backends.triton.compile_targets --arch 80 89 90  # compile every registered config
+    python -m ptfast.backends.triton.compile_targets --list           # list names and their targets
+    python -m ptfast.backends.triton.compile_targets --only attention_fwd --jobs 2
 
 CI runs the first form on a machine without a GPU (``tests/test_compile_targets.py``): every configuration a
 launcher can pick must compile for sm_80 and sm_90, so a kernel change that breaks one target (or a config that
@@ -41,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 # Every module that registers Triton kernel configurations (imported by load_all / the CLI).
-KERNEL_MODULES: tuple[str, ...] = ("ptfast.backends.triton.bias_relu",)
+KERNEL_MODULES: tuple[str, ...] = ("ptfast.backends.triton.bias_relu", "ptfast.backends.triton.attention_kernels")
 
-DEFAULT_ARCHS: tuple[int, ...] = (80, 90)
+DEFAULT_ARCHS: tuple[int, ...] = (80, 89, 90)
 
 # Opt-in shared memory per block (bytes) of the smallest GPU of each compute capability ptfast supports; a
 # config above the limit compiles but could never launch there, so the check reports it as a failure.
@@ -61,6 +62,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     divisible_by_16: tuple[str, ...] = field(default=())
+    archs: tuple[int, ...] | None = None  # the GPU classes a per-GPU table entry is for; None: every target
 
 
 _REGISTRY: dict[str, KernelConfig] = {}
@@ -75,9 +77,17 @@ def register(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible_by_16: tuple[str, ...] = (),
+    archs: tuple[int, ...] | None = None,
 ) -> KernelConfig:
-    """Add one configuration; raises ``ValueError`` on a name registered twice with different contents."""
-    cfg = KernelConfig(name, kernel, dict(signature), dict(constexprs), num_warps, num_stages, tuple(divisible_by_16))
+    """Add one configuration; raises ``ValueError`` on a name registered twice with different contents.
+
+    ``archs``: for a configuration taken from a per-GPU table, the compute capabilities it is launched on
+    (``(89,)`` for the 99 KiB-shared-memory class); it is compiled for those targets only.
+    """
+    cfg = KernelConfig(
+        name, kernel, dict(signature), dict(constexprs), num_warps, num_stages, tuple(divisible_by_16),
+        tuple(archs) if archs is not None else None,
+    )  # fmt: skip
     old = _REGISTRY.get(name)
     if old is not None and old != cfg:
         raise ValueError(f"Triton kernel config {name!r} registered twice with different contents")
@@ -177,33 +187,65 @@ def compile_config(cfg: KernelConfig, arch: int) -> CompileReport:
         return CompileReport(cfg, arch, False, msg[:2000], time.perf_counter() - start)
 
 
+def _targets(cfg: KernelConfig, requested: list[int]) -> list[int]:
+    return [a for a in requested if cfg.archs is None or a in cfg.archs]
+
+
+def _compile_job(job: tuple[str, int]) -> tuple[str, int, bool, str, float]:
+    # Plain data back from a worker process (a JITFunction does not pickle).
+    name, arch = job
+    r = compile_config(_REGISTRY[name], arch)
+    return name, arch, r.ok, r.detail, r.seconds
+
+
+def _report(result: tuple[str, int, bool, str, float]) -> CompileReport:
+    name, arch, ok, detail, seconds = result
+    return CompileReport(_REGISTRY[name], arch, ok, detail, seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile every registered Triton kernel config for GPU targets.")
     parser.add_argument("--arch", nargs="+", type=int, default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--list", action="store_true", help="only list the registered configurations")
+    parser.add_argument("--only", default="", help="only configs whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (processes)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("FAIL: unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU target")
         return 2
-    configs = load_all()
+    configs = [c for c in load_all() if args.only in c.name]
     if args.list:
+        # One line per config: its name, then the targets it is compiled for.
         for cfg in configs:
-            print(cfg.name)
+            print(f"{cfg.name} {','.join(f'sm_{a}' for a in _targets(cfg, args.arch))}")
         print(f"{len(configs)} configs registered")
         return 0
     if not configs:
         print("FAIL: no Triton kernel configs registered")
         return 1
+    jobs = [(cfg.name, arch) for arch in args.arch for cfg in configs if arch in _targets(cfg, args.arch)]
     failed = 0
-    for arch in args.arch:
-        for cfg in configs:
-            r = compile_config(cfg, arch)
-            failed += not r.ok
-            print(f"{'OK  ' if r.ok else 'FAIL'} sm_{arch} {cfg.name}: {r.detail} ({r.seconds:.1f} s)", flush=True)
-    total = len(configs) * len(args.arch)
+    if args.jobs > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers inherit the registry filled by load_all().
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            reports = pool.map(_compile_job, jobs)
+            for r in reports:
+                failed += _print_report(_report(r))
+    else:
+        for job in jobs:
+            failed += _print_report(_report(_compile_job(job)))
     archs = ", ".join(f"sm_{a}" for a in args.arch)
-    print(f"{total - failed}/{total} compiled ({len(configs)} configs x {archs})")
+    print(f"{len(jobs) - failed}/{len(jobs)} compiled ({len(configs)} configs for {archs})")
     return 1 if failed else 0
+
+
+def _print_report(r: CompileReport) -> int:
+    status = "OK  " if r.ok else "FAIL"
+    print(f"{status} sm_{r.arch} {r.config.name}: {r.detail} ({r.seconds:.1f} s)", flush=True)
+    return 0 if r.ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""``ptfast.attention`` on the Triton backend: FlashAttention-2 style kernels (:mod:`.attention_kernels`).
+
+What it runs and why it refuses the rest:
+
+* CUDA tensors on sm_80 or newer, or CPU tensors under ``TRITON_INTERPRET=1`` (the test suite's interpreter tier);
+* fp16, bf16 and fp32 (fp32 computed in fp32, ``tl.dot`` using tf32 only when PyTorch's matmul setting allows it);
+  not fp64 (no fp64 tensor-core path worth having; the torch backend runs it), and not bf16 under the
+  interpreter (triton 3.9's interpreter computes bf16 ``tl.dot`` wrongly);
+* head dims 1..256, padded inside the kernel to a power of two >= 16 (so any size, not only 16/32/64/128);
+* any strides, any lengths, Lq != Lk, every mask form of the contract (bool / float masks read tile by tile
+  through their strides, ``key_mask``, top-left causal), dropout per the hash of :mod:`ptfast._dropout`.
+
+Saves the row log-sum-exp for backward (``SAVES_LSE``). triton is imported only when a kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ptfast._dispatch import constant_while_compiling
+from ptfast.backends import triton as triton_backend
+from ptfast.backends.triton import attention_config
+
+SAVES_LSE = True
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
+@constant_while_compiling
+def _device_reason(device: torch.device) -> str | None:
+    return triton_backend.device_reason(device)
+
+
+def tensor_reason(q: Tensor) -> str | None:
+    """Why the Triton attention kernels refuse q/k/v like ``q`` (``None`` if they accept them)."""
+    reason = _device_reason(q.device)
+    if reason is not None:
+        return reason
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"triton: {q.dtype} inputs are not supported (fp16, bf16, fp32); the torch backend runs them"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "triton: bfloat16 under the interpreter (TRITON_INTERPRET) computes tl.dot wrongly; use a GPU"
+    if q.shape[-1] > attention_config.MAX_HEAD_DIM:
+        return f"triton: head_dim {q.shape[-1]} > {attention_config.MAX_HEAD_DIM}"
+    return None
+
+
+def supports(**meta: object) -> str | None:
+    """``None`` if this backend runs these inputs (``meta``: q, k, v, attn_mask, key_mask, ...), else why not."""
+    return tensor_reason(meta["q"])
+
+
+def _layout(q: Tensor, k: Tensor):
+    from ptfast.backends.triton.attention_launch import Layout  # imports triton: only when a kernel runs
+
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    return Layout(B, H, Lq, Lk, Lq, Lk, None, None, packed=False)
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    key_mask: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, H, Lq, D) contiguous, lse (B, H, Lq) fp32)``."""
+    from ptfast.backends.triton import attention_launch
+
+    out = q.new_empty(q.shape)
+    lse = attention_launch.forward(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale, _layout(q, k), out)
+    return out, lse
+
+
+def backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    key_mask: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+    from ptfast.backends.triton import attention_launch
+
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    attention_launch.backward(
+        grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale, _layout(q, k), dq, dk, dv
+    )
+    return dq, dk, dv
