@@ -1,8 +1,9 @@
 """CI compile-for-target checks, no GPU needed (marker ``compile_check``).
 
 * every ``csrc/**/*.cu`` compiles with nvcc for sm_80 and sm_90a (``csrc/compile_check.py``);
-* every registered Triton kernel config compiles for sm_80 and sm_90
-  (``python -m ptfast.backends.triton.compile_targets``), and every registered config is in the output.
+* every registered Triton kernel config compiles for each of sm_80, sm_89 and sm_90 it is registered for
+  (``python -m ptfast.backends.triton.compile_targets``; per-GPU-class table entries name their class), within
+  that class's shared memory, and every registered (config, target) pair is in the output.
 
 Both run as subprocesses: the Triton one must not see TRITON_INTERPRET, and neither should import triton or
 initialize anything in the test process.
@@ -22,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.compile_check
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHS = ("80", "90")
+ARCHS = ("80", "89", "90")
 
 
 def _env() -> dict[str, str]:
@@ -66,18 +67,27 @@ def test_csrc_compiles_with_nvcc_for_sm80_and_sm90a() -> None:
             assert f"OK   {rel} [{arch}]" in out, f"{rel} [{arch}] missing from:\n{out}"
 
 
-def test_triton_configs_compile_for_sm80_and_sm90() -> None:
+def test_triton_configs_compile_for_their_targets() -> None:
     if importlib.util.find_spec("triton") is None:
         _tool_missing("triton is not installed")
-    listing = _run(["-m", "ptfast.backends.triton.compile_targets", "--list"], timeout=300)
+    listing = _run(["-m", "ptfast.backends.triton.compile_targets", "--list", "--arch", *ARCHS], timeout=300)
     assert listing.returncode == 0, listing.stdout + listing.stderr
-    names = listing.stdout.splitlines()[:-1]  # last line: "<n> configs registered"
-    assert names and listing.stdout.splitlines()[-1] == f"{len(names)} configs registered"
+    lines = listing.stdout.splitlines()
+    assert lines and lines[-1] == f"{len(lines) - 1} configs registered"
+    expected = set()
+    for line in lines[:-1]:  # "<name> sm_80,sm_90"
+        name, targets = line.split(" ")
+        expected |= {(t.removeprefix("sm_"), name) for t in targets.split(",")}
+    names = {n for _, n in expected}
     assert any(n.startswith("bias_relu[") for n in names)
+    for kernel in ("attention_fwd[", "attention_bwd_dkdv[", "attention_bwd_dq[", "attention_bwd_delta["):
+        assert any(n.startswith(kernel) for n in names), kernel
+    for arch in ARCHS:  # every GPU class has its attention table entries
+        assert any(a == arch and n.startswith("attention_fwd[") for a, n in expected), arch
 
-    proc = _run(["-m", "ptfast.backends.triton.compile_targets", "--arch", *ARCHS], timeout=1800)
+    proc = _run(["-m", "ptfast.backends.triton.compile_targets", "--arch", *ARCHS], timeout=2400)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, out[-5000:]
     compiled = set(re.findall(r"^OK   sm_(\d+) (\S+):", proc.stdout, flags=re.MULTILINE))
-    missing = [(arch, n) for arch in ARCHS for n in names if (arch, n) not in compiled]
+    missing = sorted(expected - compiled)
     assert not missing, f"configs not compiled: {missing[:10]} ...\n{out[-3000:]}"

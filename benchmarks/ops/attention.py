@@ -172,10 +172,18 @@ def _canonical_packed(case: Case, inp: Inputs, out: Any) -> Tensor:
 # --- providers ----------------------------------------------------------------------------------------------
 
 
-def _ptfast(backend: str) -> Provider:
+def _ptfast(backend: str, atomic_dq: bool = False) -> Provider:
     def build(case: Case, inp: Inputs, mode: str) -> Step:
+        if atomic_dq and mode != "fwd+bwd":
+            raise Skip("the atomic-dQ mode only changes the backward")
         ptfast = import_ptfast()
         p = case.params
+        if atomic_dq:
+            from ptfast.backends.triton import attention_config
+
+            mode_ctx = attention_config.use_atomic_dq
+        else:
+            mode_ctx = None
 
         def fwd() -> Tensor:
             with ptfast.use_backend(backend):
@@ -188,12 +196,22 @@ def _ptfast(backend: str) -> Provider:
                     key_mask=inp["key_mask"],
                 )
 
-        return make_step(fwd, inp["leaves"], mode, inp["dout"])
+        step = make_step(fwd, inp["leaves"], mode, inp["dout"])
+        if mode_ctx is None:
+            return step
 
+        def step_atomic() -> Any:
+            with mode_ctx(True):
+                return step()
+
+        return step_atomic
+
+    name = f"ptfast[{backend},atomic-dq]" if atomic_dq else f"ptfast[{backend}]"
+    what = " with the opt-in atomic-dQ backward (not bitwise reproducible)" if atomic_dq else ""
     return Provider(
-        f"ptfast[{backend}]",
+        name,
         "ptfast",
-        f"ptfast.attention with use_backend({backend!r}); padding given as key_mask",
+        f"ptfast.attention with use_backend({backend!r}){what}; padding given as key_mask",
         build,
         _canonical_padded,
     )
@@ -343,6 +361,7 @@ def _flex(opts: Options) -> Provider:
 
 def providers(opts: Options) -> list[Provider]:
     out = [_ptfast(b) for b in PTFAST_BACKENDS]
+    out.append(_ptfast("triton", atomic_dq=True))  # fastest mode, reported apart from the deterministic default
     out += [_ptfast_varlen(b) for b in (PTFAST_BACKENDS if opts.full else ("auto",))]
     out += [_sdpa(s, opts) for s in SDPA_BACKENDS]
     out += [_sdpa_nested(), _flex(opts)]

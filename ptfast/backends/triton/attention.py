@@ -52,6 +52,18 @@ def supports(**meta: object) -> str | None:
     return tensor_reason(meta["q"])
 
 
+def _fold_key_mask(
+    attn_mask: Tensor | None, key_mask: Tensor | None, batch: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """A bool mask that only varies along the key axis (HF's expanded ``(B, 1, Lq, Lk)`` padding mask arrives
+    here compacted to ``(B|1, 1, 1, Lk)``) becomes a key mask, so it takes the key-mask path: padding-only key
+    blocks skipped, one vector load per key block instead of a tile load. Forward and backward both fold."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
+        return attn_mask, key_mask
+    km = attn_mask[:, 0, 0, :].expand(batch, -1)  # a view: batch stride 0 when broadcast over the batch
+    return None, km if key_mask is None else key_mask & km
+
+
 def _layout(q: Tensor, k: Tensor):
     from ptfast.backends.triton.attention_launch import Layout  # imports triton: only when a kernel runs
 
@@ -75,6 +87,7 @@ def forward(
     from ptfast.backends.triton import attention_launch
 
     out = q.new_empty(q.shape)
+    attn_mask, key_mask = _fold_key_mask(attn_mask, key_mask, q.shape[0])
     lse = attention_launch.forward(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale, _layout(q, k), out)
     return out, lse
 
@@ -97,6 +110,7 @@ def backward(
     from ptfast.backends.triton import attention_launch
 
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    attn_mask, key_mask = _fold_key_mask(attn_mask, key_mask, q.shape[0])
     attention_launch.backward(
         grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale, _layout(q, k), dq, dk, dv
     )
