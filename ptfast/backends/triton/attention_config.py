@@ -25,6 +25,7 @@ Hooks (process-global, not per thread: autograd runs backward on another thread)
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -119,6 +120,11 @@ def gpu_class(capability: tuple[int, int], shared_memory_optin: int | None = Non
 
 def _device_class(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
+    return _class_of_index(index)
+
+
+@functools.cache
+def _class_of_index(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     optin = getattr(props, "shared_memory_per_block_optin", None)
     return gpu_class((props.major, props.minor), optin)
