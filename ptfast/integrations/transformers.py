@@ -4,7 +4,7 @@ Usage::
 
     import ptfast.integrations.transformers as ptfast_hf
 
-    ptfast_hf.register()  # once per process; ptfast.patch(model) does it too
+    ptfast_hf.register()  # once per process (idempotent)
     model = BertForMaskedLM.from_pretrained(path, attn_implementation="ptfast")
     # or, for a model that is already built: model.set_attn_implementation("ptfast")
 
@@ -45,18 +45,20 @@ and is not supported):
 * Padding-free batches: ``cu_seq_lens_q/k`` (+ ``max_length_q/k``, int or tensor; derived from the
   ``cu_seq_lens`` when missing) route to :func:`ptfast.attention_varlen` on ``(total, H, D)`` views. Without
   them, a batch of one whose ``position_ids`` restart (several sequences packed into one row, e.g. by
-  ``DataCollatorWithFlattening(return_flash_attn_kwargs=False)``) is detected like transformers' flash
-  attention does and also runs varlen with ``cu_seqlens`` derived from the restarts; that costs one host sync
-  per layer, so passing ``cu_seq_lens_*`` is faster. A packed row that also carries a padding mask is refused.
-  ``position_ids`` of batches larger than one are not read (transformers treats only a batch of one as packed).
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=False)``) is detected, as transformers' flash path
+  does, and also runs varlen, with a sequence starting at every position that is not its predecessor + 1; that
+  costs one host sync per layer, so passing ``cu_seq_lens_*`` is faster. A packed row that also carries a
+  padding mask is refused. ``position_ids`` of batches larger than one are not read (transformers treats only a
+  batch of one as packed).
 * Grouped-query attention (fewer key/value heads than query heads) repeats the key/value heads.
 * Keyword arguments are never silently ignored: those in :data:`HARMLESS_KWARGS` do not affect attention;
   ``sliding_window`` is accepted when a 4-D mask carries the window or no key is farther away than the window;
+  ``deterministic=False`` (ModernBERT's flash option) only permits a nondeterministic backward, ``True`` raises;
   ``output_attentions=True`` raises (ptfast never materializes attention weights; use ``"eager"`` for that);
   any other keyword argument that is not None (``softcap``, ``s_aux``, ``head_mask``, ``position_bias``, a
   paged ``cache``, ...) raises :class:`NotImplementedError` naming it.
-* Not supported: static KV caches (their key length exceeds the mask's; a clear error is raised when a mask
-  shows it), models that keep the attention weights.
+* Not supported: static KV caches (keys beyond the tokens seen so far). They are refused with a clear error
+  when a padding mask shows the mismatch, but cannot be detected without one.
 
 The backend is ptfast's usual choice (``ptfast.use_backend(...)``, ``PTFAST_BACKEND``, or auto).
 ``import ptfast.integrations.transformers`` does not import transformers; :func:`register` does.
@@ -67,13 +69,14 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 # The ops module, not ``ptfast`` itself: this module may be imported while ``ptfast/__init__`` is still running
-# (``ptfast.patch`` registers the integration).
+# (e.g. by ``ptfast.patching``).
 from ptfast.ops.attention import attention, attention_varlen
 
 __all__ = ["DEFAULT_NAME", "HARMLESS_KWARGS", "attention_forward", "create_mask", "is_registered", "register"]
@@ -82,14 +85,16 @@ DEFAULT_NAME = "ptfast"
 MIN_TRANSFORMERS = (5, 0)
 
 #: Keyword arguments transformers models pass to attention functions that cannot change the result, and why.
-HARMLESS_KWARGS: Mapping[str, str] = {
-    "encoder_hidden_states": "BERT-family attention forwards it; key/value were already projected from it",
-    "output_hidden_states": "selects which hidden states the model returns",
-    "num_items_in_batch": "loss normalization under gradient accumulation (Trainer)",
-    "output_router_logits": "mixture-of-experts bookkeeping",
-    "return_dict": "output container format",
-    "use_cache": "KV-cache bookkeeping; the cached keys/values arrive as key/value",
-}
+HARMLESS_KWARGS: Mapping[str, str] = MappingProxyType(
+    {
+        "encoder_hidden_states": "BERT-family attention forwards it; key/value were already projected from it",
+        "output_hidden_states": "selects which hidden states the model returns",
+        "num_items_in_batch": "loss normalization under gradient accumulation (Trainer)",
+        "output_router_logits": "mixture-of-experts bookkeeping",
+        "return_dict": "output container format",
+        "use_cache": "KV-cache bookkeeping; the cached keys/values arrive as key/value",
+    }
+)
 
 _PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -359,8 +364,8 @@ def attention_forward(
         scaling: softmax scale (default ``D ** -0.5``).
         dropout: attention dropout probability, applied whenever > 0 (transformers passes 0 in eval mode).
         **kwargs: ``is_causal``, ``position_ids``, the padding-free ``cu_seq_lens_q/k`` and ``max_length_q/k``,
-            ``seq_idx``, ``sliding_window``, ``output_attentions`` and the :data:`HARMLESS_KWARGS`; anything else
-            that is not None raises :class:`NotImplementedError`.
+            ``seq_idx``, ``sliding_window``, ``output_attentions``, ``deterministic`` and the
+            :data:`HARMLESS_KWARGS`; anything else that is not None raises :class:`NotImplementedError`.
 
     Returns:
         ``(attn_output, None)`` with ``attn_output`` of shape ``(B, Sq, H, D)``, contiguous.
@@ -371,7 +376,12 @@ def attention_forward(
     seq_idx = kwargs.pop("seq_idx", None)
     sliding_window = kwargs.pop("sliding_window", None)
     output_attentions = kwargs.pop("output_attentions", None)
+    # Flash-attention option (ModernBERT passes config.deterministic_flash_attn): False only permits a
+    # nondeterministic backward, which changes nothing; True asks for a guarantee this function does not give.
+    deterministic = kwargs.pop("deterministic", None)
     _check_remaining_kwargs(kwargs)
+    if deterministic:
+        raise _unsupported("deterministic", deterministic, " (no per-call determinism switch)")
     if output_attentions:
         raise _unsupported("output_attentions", output_attentions, " (ptfast never materializes the attention weights)")
     for name, t in (("query", query), ("key", key), ("value", value)):
