@@ -10,10 +10,12 @@ with ``cu_seqlens``; ``IS_VARLEN``): a program knows its sequence ``b``, head ``
 * ``_attn_fwd``: one program per (query block, batch*head). Streams key/value blocks with an online softmax in
   fp32, base 2 (``qk_scale = scale * log2(e)``), stores the output and the row log-sum-exp (natural log; ``+inf``
   for a row with no admissible key, whose output is 0). Key blocks split into interior ones (no length or causal
-  masking) and boundary ones; a key block with no real token under ``key_mask`` is skipped.
+  masking) and boundary ones; under ``key_mask`` the loops cover only the span from the first to the last real
+  key (see ``_key_span``), so right/left padding costs no key block.
 * ``_attn_bwd_delta``: ``delta = rowsum(dO * O)`` in fp32.
 * ``_attn_bwd_dkdv``: one program per (key block, batch*head), loops over query blocks, accumulates dK and dV in
-  fp32 registers; query blocks whose rows are all excluded (lse = +inf) are skipped. With ``ATOMIC_DQ`` it
+  fp32 registers; a key block with no real token writes zeros at once, and query blocks whose rows are all
+  excluded (lse = +inf) are skipped. With ``ATOMIC_DQ`` it
   also adds each tile's dQ share to an fp32 buffer with atomics (opt-in, not bitwise reproducible).
 * ``_attn_bwd_dq``: one program per (query block, batch*head), loops over key blocks (deterministic dQ).
 
@@ -79,6 +81,24 @@ def _seq_range(CU, b, total):
     start = tl.minimum(tl.maximum(start, 0), total)
     end = tl.minimum(tl.maximum(end, start), total)
     return start, end - start
+
+
+@triton.jit
+def _key_span(km_base, stride_kmn, k_len, BLOCK_N: tl.constexpr):
+    """``[lo, hi)``: from the first to one past the last real key under ``key_mask`` (``lo`` rounded down to a
+    block), ``(0, 0)`` when there is none. The main loops run over this span only, so the key blocks of right or
+    left padding cost nothing, without a branch inside the loop (which would stop Triton from pipelining the
+    K/V loads); a hole inside the span is masked element by element. The scan reads Lk bytes per program."""
+    first = k_len
+    last = k_len * 0
+    for n0 in range(0, k_len, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        ok = offs < k_len
+        real = tl.load(km_base + offs.to(tl.int64) * stride_kmn, mask=ok, other=0).to(tl.int1) & ok
+        first = tl.minimum(first, tl.min(tl.where(real, offs, k_len), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(real, offs + 1, 0), axis=0))
+    lo = (tl.minimum(first, last) // BLOCK_N) * BLOCK_N
+    return lo, last
 
 
 @triton.jit
@@ -169,36 +189,34 @@ def _fwd_block(
     """One key block of the online softmax; returns the updated (acc, l_i, m_i)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_len
-    run = True
     key_ok = n_ok
     if HAS_KEY_MASK:
         key_ok = tl.load(km_base + offs_n.to(tl.int64) * stride_kmn, mask=n_ok, other=0).to(tl.int1)
-        run = tl.max(key_ok.to(tl.int32), axis=0) > 0  # a block of padding only: skip its loads and math
-    if run:
-        kv_mask = n_ok[None, :] & d_ok[:, None]
-        kt = tl.load(
-            k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_mask, other=0.0
-        )
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _mask_scores(
-            s, offs_m, offs_n, q_len, k_len, mask_base, stride_mm, stride_mn, key_ok,
-            BOUNDARY, MASK_KIND, HAS_KEY_MASK, CAUSAL and BOUNDARY, False,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with nothing admissible so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax denominator counts dropped entries too
-        if DROPOUT:
-            p = tl.where(_keep(row_keys, offs_n, drop_threshold, False), p, 0.0)
-        v = tl.load(
-            v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    kt = tl.load(
+        k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        mask=n_ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    s = _mask_scores(
+        s, offs_m, offs_n, q_len, k_len, mask_base, stride_mm, stride_mn, key_ok,
+        BOUNDARY, MASK_KIND, HAS_KEY_MASK, CAUSAL and BOUNDARY, False,
+    )  # fmt: skip
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing admissible so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax denominator counts dropped entries too
+    if DROPOUT:
+        p = tl.where(_keep(row_keys, offs_n, drop_threshold, False), p, 0.0)
+    v = tl.load(
+        v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=n_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    m_i = m_new
     return acc, l_i, m_i
 
 
@@ -295,18 +313,23 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
+    lo = 0
     hi = k_len
     full_hi = (k_len // BLOCK_N) * BLOCK_N  # key blocks with no key past the end
     if CAUSAL:
         hi = tl.minimum(hi, m0 + BLOCK_M)
         full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)  # blocks every row of the tile may see
-    for n0 in range(0, full_hi, BLOCK_N):
+    if HAS_KEY_MASK:
+        lo, real_hi = _key_span(km_base, stride_kmn, k_len, BLOCK_N)
+        hi = tl.minimum(hi, real_hi)
+        full_hi = tl.minimum(full_hi, hi)  # may end inside a block: keys past real_hi are masked by key_mask
+    for n0 in range(lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
             q_len, k_len, qk_scale, mask_base, stride_mm, stride_mn, km_base, stride_kmn, row_keys, drop_threshold,
             False, MASK_KIND, HAS_KEY_MASK, CAUSAL, DROPOUT, BLOCK_N, PRECISION,
         )  # fmt: skip
-    for n0 in range(full_hi, hi, BLOCK_N):
+    for n0 in range(tl.maximum(full_hi, lo), hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
             q_len, k_len, qk_scale, mask_base, stride_mm, stride_mn, km_base, stride_kmn, row_keys, drop_threshold,
@@ -640,34 +663,35 @@ def _attn_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if tl.min(lse, axis=0) < float("inf"):  # else every row of this block is fully excluded: dQ = 0
+        lo = 0
         hi = k_len
         if CAUSAL:
             hi = tl.minimum(hi, m0 + BLOCK_M)
-        for n0 in range(0, hi, BLOCK_N):
+        if HAS_KEY_MASK:
+            lo, real_hi = _key_span(km_base, stride_kmn, k_len, BLOCK_N)
+            hi = tl.minimum(hi, real_hi)
+        for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < k_len
-            run = True
             key_ok = n_ok
             if HAS_KEY_MASK:
                 key_ok = tl.load(km_base + offs_n.to(tl.int64) * stride_kmn, mask=n_ok, other=0).to(tl.int1)
-                run = tl.max(key_ok.to(tl.int32), axis=0) > 0
-            if run:
-                kv_ok = d_ok[:, None] & n_ok[None, :]
-                kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=kv_ok, other=0.0)  # fmt: skip
-                vt = tl.load(v_base + offs_n.to(tl.int64)[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                             mask=kv_ok, other=0.0)  # fmt: skip
-                s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-                s = _mask_scores(
-                    s, offs_m, offs_n, q_len, k_len, mask_base, stride_mm, stride_mn, key_ok,
-                    True, MASK_KIND, HAS_KEY_MASK, CAUSAL, False,
-                )  # fmt: skip
-                p = tl.exp2(s - lse2[:, None])
-                dp = tl.dot(do, vt, input_precision=PRECISION)
-                if DROPOUT:
-                    dp = tl.where(_keep(row_keys, offs_n, drop_threshold, False), dp * drop_scale, 0.0)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+            kv_ok = d_ok[:, None] & n_ok[None, :]
+            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=kv_ok, other=0.0)  # fmt: skip
+            vt = tl.load(v_base + offs_n.to(tl.int64)[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                         mask=kv_ok, other=0.0)  # fmt: skip
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            s = _mask_scores(
+                s, offs_m, offs_n, q_len, k_len, mask_base, stride_mm, stride_mn, key_ok,
+                True, MASK_KIND, HAS_KEY_MASK, CAUSAL, False,
+            )  # fmt: skip
+            p = tl.exp2(s - lse2[:, None])
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            if DROPOUT:
+                dp = tl.where(_keep(row_keys, offs_n, drop_threshold, False), dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     dq_off = b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_ok)
 
