@@ -10,7 +10,8 @@ What it runs and why it refuses the rest:
 * any strides, any lengths, Lq != Lk, every mask form of the contract (bool / float masks read tile by tile
   through their strides, ``key_mask``, top-left causal), dropout per the hash of :mod:`ptfast._dropout`.
 
-Saves the row log-sum-exp for backward (``SAVES_LSE``). triton is imported only when a kernel runs.
+Saves the row log-sum-exp (base 2, see :mod:`.attention_kernels`) for backward (``SAVES_LSE``). triton is
+imported only when a kernel runs.
 """
 
 from __future__ import annotations

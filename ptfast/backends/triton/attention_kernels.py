@@ -8,9 +8,10 @@ with ``cu_seqlens``; ``IS_VARLEN``): a program knows its sequence ``b``, head ``
 (``*_start``, 0 when padded) and the sequence's lengths; the batch stride is 0 for packed tensors.
 
 * ``_attn_fwd``: one program per (query block, batch*head). Streams key/value blocks with an online softmax in
-  fp32, base 2 (``qk_scale = scale * log2(e)``), stores the output and the row log-sum-exp (natural log; ``+inf``
-  for a row with no admissible key, whose output is 0). Key blocks split into interior ones (no length or causal
-  masking) and boundary ones; under ``key_mask`` the loops cover only the span from the first to the last real
+  fp32, base 2 (``qk_scale = scale * log2(e)``), stores the output and the row log-sum-exp in base 2
+  (``log2(sum(exp2(scores)))`` = natural lse * log2(e), so backward needs no conversion that could overflow;
+  ``+inf`` for a row with no admissible key, whose output is 0). Key blocks split into interior ones (no length
+  or causal masking) and boundary ones; under ``key_mask`` the loops cover only the span from the first to the last real
   key (see ``_key_span``), so right/left padding costs no key block.
 * ``_attn_bwd_delta``: ``delta = rowsum(dO * O)`` in fp32.
 * ``_attn_bwd_dkdv``: one program per (key block, batch*head), loops over query blocks, accumulates dK and dV in
@@ -145,7 +146,12 @@ def _mask_scores(
             allowed = tl.load(ptrs, mask=in_range, other=0).to(tl.int1)
             s = tl.where(allowed, s, float("-inf"))
         else:
-            s = s + tl.load(ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
+            raw = tl.load(ptrs, mask=in_range, other=0.0).to(tl.float32)
+            add = raw * 1.4426950408889634
+            # finfo(fp32).min * log2(e) overflows to -inf, which would turn a finite mask value (plain arithmetic:
+            # a row of finfo.min is uniform, like SDPA) into an exclusion; keep it finite. -inf and NaN pass.
+            add = tl.where((add < -3.4028234663852886e38) & (raw > float("-inf")), -3.4028234663852886e38, add)
+            s = s + add
     return s
 
 
@@ -341,7 +347,7 @@ def _attn_fwd(
     out = acc / l_safe[:, None]  # rows with no admissible key: acc = 0 -> 0
     if DROPOUT:
         out = out * drop_scale
-    lse = tl.where(has_any, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    lse = tl.where(has_any, m_i + tl.log2(l_safe), float("inf"))  # base 2: backward needs no conversion
     tl.store(
         OUT + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
         out.to(OUT.dtype.element_ty),
@@ -533,7 +539,7 @@ def _attn_bwd_dkdv(
                     st, offs_m, offs_n, q_len, k_len, mask_base, stride_mm, stride_mn, key_ok,
                     True, MASK_KIND, HAS_KEY_MASK, CAUSAL, True,
                 )  # fmt: skip
-                pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)  # lse = +inf -> 0
+                pt = tl.exp2(st - lse[None, :])  # lse = +inf -> 0
                 dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                 if DROPOUT:
                     keep = _keep(_row_keys(SEED, b, h, offs_m), offs_n, drop_threshold, True)
@@ -652,7 +658,6 @@ def _attn_bwd_dq(
     l_off = b64 * stride_lb + h64 * stride_lh + rows * stride_lm
     lse = tl.load(LSE + l_off, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
-    lse2 = lse * 1.4426950408889634
     k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
     mask_base = MASK + b64 * stride_mb + h64 * stride_mh
@@ -686,7 +691,7 @@ def _attn_bwd_dq(
                 s, offs_m, offs_n, q_len, k_len, mask_base, stride_mm, stride_mn, key_ok,
                 True, MASK_KIND, HAS_KEY_MASK, CAUSAL, False,
             )  # fmt: skip
-            p = tl.exp2(s - lse2[:, None])
+            p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if DROPOUT:
                 dp = tl.where(_keep(row_keys, offs_n, drop_threshold, False), dp * drop_scale, 0.0)

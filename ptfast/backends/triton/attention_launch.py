@@ -103,7 +103,7 @@ def forward(
     layout: Layout,
     out: Tensor,
 ) -> Tensor:
-    """Fill ``out`` (same layout as q) and return the fp32 log-sum-exp (``+inf`` for fully excluded rows)."""
+    """Fill ``out`` (same layout as q); return the fp32 row log-sum-exp in base 2 (``+inf``: fully excluded row)."""
     lse = layout.new_lse(q)
     if out.numel() == 0:
         return lse
