@@ -38,11 +38,12 @@ from torch import Tensor
 from ptfast import _dispatch, _validation
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import masked_lm_loss as torch_mlm
+from ptfast.backends.triton import masked_lm_loss as triton_mlm
 
 _OP = "masked_lm_loss"
 _IMPLS = {
     "torch": torch_mlm,
-    "triton": Unimplemented("triton", _OP),
+    "triton": triton_mlm,
     "cuda": Unimplemented("cuda", _OP),
 }
 _AUTO_ORDER = ("cuda", "triton", "torch")

@@ -42,7 +42,11 @@ from pathlib import Path
 from typing import Any
 
 # Every module that registers Triton kernel configurations (imported by load_all / the CLI).
-KERNEL_MODULES: tuple[str, ...] = ("ptfast.backends.triton.bias_relu", "ptfast.backends.triton.attention_kernels")
+KERNEL_MODULES: tuple[str, ...] = (
+    "ptfast.backends.triton.bias_relu",
+    "ptfast.backends.triton.attention_kernels",
+    "ptfast.backends.triton.masked_lm_loss_kernels",
+)
 
 DEFAULT_ARCHS: tuple[int, ...] = (80, 89, 90)
 

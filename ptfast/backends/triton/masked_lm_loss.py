@@ -1,0 +1,154 @@
+"""``ptfast.masked_lm_loss`` on the Triton backend: the fused kernels of :mod:`.masked_lm_loss_kernels`.
+
+What it runs and why it refuses the rest:
+
+* CUDA tensors on sm_80 or newer, or CPU tensors under ``TRITON_INTERPRET=1`` (the test suite's interpreter tier);
+* hidden in fp16, bf16 or fp32 (weight and bias of any float dtype: under autocast they stay fp32 and are
+  cast tile by tile inside the kernel); not fp64 (the torch backend runs it) and not bf16 under the interpreter
+  (triton 3.9's interpreter computes bf16 ``tl.dot`` wrongly).
+
+Ignored rows are compacted on the device (a stable sort of the validity flags and a device-side count), so no
+host sync and fixed shapes. Backward recomputes the logit tiles (4 GEMMs in all) and accumulates dhidden,
+dweight and dbias in fp32 with atomics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from ptfast._dispatch import constant_while_compiling
+from ptfast.backends import triton as triton_backend
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@constant_while_compiling
+def _device_reason(device: torch.device) -> str | None:
+    return triton_backend.device_reason(device)
+
+
+def supports(**meta: object) -> str | None:
+    """``None`` if this backend runs these inputs (``meta``: hidden, weight, labels, bias, ...), else why not."""
+    hidden = meta["hidden"]
+    reason = _device_reason(hidden.device)
+    if reason is not None:
+        return reason
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        return f"triton: {hidden.dtype} hidden states are not supported (fp16, bf16, fp32); the torch backend runs them"
+    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
+        return "triton: bfloat16 under the interpreter (TRITON_INTERPRET) computes tl.dot wrongly; use a GPU"
+    weight = meta["weight"]
+    if weight.dtype == torch.float64 or (meta.get("bias") is not None and meta["bias"].dtype == torch.float64):
+        return "triton: float64 weight or bias is not supported"
+    return None
+
+
+def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    from ptfast.backends.triton import masked_lm_loss_kernels as k
+
+    if device.type != "cuda":
+        return k.INTERPRETER_BLOCKS
+    return k.GPU_BLOCKS[4 if dtype == torch.float32 else 2]
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor]:
+    """(row order with the valid rows first, int32 ``(N,)``; their count, int32 ``(1,)``), on the device.
+
+    Rows with a label outside ``[0, vocab)`` count as ignored (see the op's docstring), so nothing reads out of
+    bounds whatever the label values.
+    """
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    order = torch.argsort((~valid).to(torch.uint8), stable=True).to(torch.int32)
+    return order, valid.sum(dtype=torch.int32).reshape(1)
+
+
+def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``(loss, logsumexp)``, each fp32 ``(N,)``; both 0 at ignored rows."""
+    from ptfast.backends.triton.masked_lm_loss_kernels import _mlm_fwd
+
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    loss = hidden.new_zeros(n_rows, dtype=torch.float32)
+    lse = hidden.new_zeros(n_rows, dtype=torch.float32)
+    if n_rows == 0:
+        return loss, lse
+    if vocab == 0 or hidden.shape[1] == 0:
+        return _degenerate(hidden, weight, labels, bias, ignore_index, label_smoothing)
+    order, count = _compact(labels, ignore_index, vocab)
+    bm, bv, bk, warps, stages = _blocks(hidden.device, hidden.dtype)
+    with _device_guard(hidden):
+        _mlm_fwd[(-(-n_rows // bm),)](
+            hidden, weight, bias if bias is not None else loss, labels, order, count, loss, lse,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), vocab, hidden.shape[1],
+            float(label_smoothing), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+            PRECISION=_precision(hidden.dtype, hidden.device), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return loss, lse
+
+
+def _degenerate(hidden, weight, labels, bias, ignore_index, label_smoothing):
+    # E == 0 (logits are the bias, or 0) or V == 0 (every label out of range): no GEMM to fuse.
+    from ptfast.backends.torch import masked_lm_loss as torch_mlm
+
+    loss, lse = torch_mlm.forward(hidden, weight, labels, bias, ignore_index, label_smoothing)
+    return loss.float(), lse.float()
+
+
+def backward(
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dhidden, dweight, dbias)`` for the entries of ``needs`` that are True (None for the others)."""
+    from ptfast.backends.triton.masked_lm_loss_kernels import _mlm_bwd
+
+    need_dh, need_dw, need_db = needs
+    need_db = need_db and bias is not None
+    n_rows, vocab, embed = hidden.shape[0], weight.shape[0], hidden.shape[1]
+    dev = hidden.device
+    dh = torch.zeros((n_rows, embed), dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros((vocab, embed), dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    if n_rows > 0 and vocab > 0 and embed > 0 and (need_dh or need_dw or need_db):
+        order, count = _compact(labels, ignore_index, vocab)
+        bm, bv, bk, warps, stages = _blocks(dev, hidden.dtype)
+        dummy = lse
+        with _device_guard(hidden):
+            _mlm_bwd[(-(-n_rows // bm), -(-vocab // bv))](
+                grad, hidden, weight, bias if bias is not None else dummy, labels, order, count, lse,
+                dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+                grad.stride(0), hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), vocab, embed,
+                float(label_smoothing), HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw,
+                NEED_DB=need_db, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+                PRECISION=_precision(hidden.dtype, dev), num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+    elif n_rows > 0 and embed == 0 and vocab > 0 and need_db:
+        from ptfast.backends.torch import masked_lm_loss as torch_mlm  # logits are the bias alone
+
+        db = torch_mlm.backward(grad, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
+                                (False, False, True))[2].float()  # fmt: skip
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw.to(weight.dtype) if dw is not None else None,
+        db.to(bias.dtype) if db is not None else None,
+    )

@@ -1,0 +1,254 @@
+"""Triton kernels of the fused masked-LM loss: vocabulary projection + cross-entropy, logits never stored.
+
+This module imports triton; the masked-LM backend imports it only when it runs. Importing it registers the
+configurations the launcher can pick with the compile-for-target check.
+
+Rows whose label is ignored cost no matrix work: the launcher orders the valid rows first on the device (a stable
+sort of the validity flags: no ``.item()``, no ``nonzero()``) and stores their count in a device tensor. The grid
+covers every row, and programs whose row tile starts past the count exit at once, so CUDA graphs and
+``torch.compile`` see fixed shapes.
+
+* ``_mlm_fwd``: one program per tile of valid rows; loops over vocabulary tiles, each logit tile built by a
+  K-loop of ``tl.dot`` over the hidden size with an fp32 accumulator (weight tiles are cast to hidden's dtype as
+  they are loaded, so an fp32 weight under autocast is never copied), an online log-sum-exp in fp32, the target
+  logit and (for label smoothing) the sum of logits. Writes the per-row loss and log-sum-exp.
+* ``_mlm_bwd``: one program per (row tile, vocabulary tile): recomputes its logit tile, forms
+  ``dlogits = g * (softmax - (1 - eps) * onehot - eps / V)`` in fp32, and adds ``dlogits @ W`` to dhidden,
+  ``dlogits^T @ h`` to dweight and the column sums to dbias, all fp32 buffers, with atomics. (So the summation
+  order of the gradients varies run to run in the last bits; a deterministic variant is future work.)
+
+All row, vocabulary and hidden offsets are int64 (8192 x 256000 logits exceed 2^31).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ptfast.backends.triton import compile_targets
+
+
+@triton.jit
+def _logit_tile(
+    H,
+    W,
+    BIAS,
+    rows,
+    m_ok,
+    offs_v,
+    v_ok,
+    E,
+    stride_hn,
+    stride_he,
+    stride_wv,
+    stride_we,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """fp32 logits ``(BLOCK_M, BLOCK_V)`` of the given rows against the given vocabulary entries."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, E, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < E
+        h = tl.load(
+            H + rows[:, None] * stride_hn + offs_k.to(tl.int64)[None, :] * stride_he,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            W + offs_v.to(tl.int64)[None, :] * stride_wv + offs_k.to(tl.int64)[:, None] * stride_we,
+            mask=k_ok[:, None] & v_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(h, wt.to(h.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _mlm_fwd(
+    H,
+    W,
+    BIAS,
+    LABELS,
+    ORDER,
+    COUNT,
+    LOSS,
+    LSE,
+    stride_hn,
+    stride_he,
+    stride_wv,
+    stride_we,
+    V,
+    E,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    count = tl.load(COUNT)
+    if m0 >= count:  # surplus tile: fewer valid rows than the grid was sized for
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
+    target = tl.load(LABELS + rows, mask=m_ok, other=0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    z_target = tl.zeros([BLOCK_M], dtype=tl.float32)
+    z_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        z = _logit_tile(
+            H, W, BIAS, rows, m_ok, offs_v, v_ok, E, stride_hn, stride_he, stride_wv, stride_we,
+            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        z_target += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
+        z_sum += tl.sum(tl.where(v_ok[None, :], z, 0.0), axis=1)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp2((m_i - m_new) * 1.4426950408889634) + tl.sum(
+            tl.exp2((z - m_new[:, None]) * 1.4426950408889634), axis=1
+        )
+        m_i = m_new
+    lse = m_i + tl.log2(l_i) * 0.6931471805599453
+    # (1 - eps) * (lse - z_target) + eps * mean_v(lse - z_v)
+    loss = lse - (1.0 - eps) * z_target - eps * z_sum / V
+    tl.store(LOSS + rows, loss, mask=m_ok)
+    tl.store(LSE + rows, lse, mask=m_ok)
+
+
+@triton.jit
+def _mlm_bwd(
+    GRAD,
+    H,
+    W,
+    BIAS,
+    LABELS,
+    ORDER,
+    COUNT,
+    LSE,
+    DH,
+    DW,
+    DB,
+    stride_g,
+    stride_hn,
+    stride_he,
+    stride_wv,
+    stride_we,
+    V,
+    E,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """DH ``(N, E)``, DW ``(V, E)`` (both contiguous) and DB ``(V,)`` are fp32 accumulators."""
+    m0 = tl.program_id(0) * BLOCK_M
+    count = tl.load(COUNT)
+    if m0 >= count:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
+    target = tl.load(LABELS + rows, mask=m_ok, other=0)
+    lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
+    g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < V
+    z = _logit_tile(
+        H, W, BIAS, rows, m_ok, offs_v, v_ok, E, stride_hn, stride_he, stride_wv, stride_we,
+        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+    )  # fmt: skip
+    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
+    # d loss / d z, formed in fp32 (the target column included) before any rounding
+    dz = p - eps / V - tl.where(offs_v[None, :] == target[:, None], 1.0 - eps, 0.0)
+    dz = tl.where(m_ok[:, None] & v_ok[None, :], dz * g[:, None], 0.0)
+    if NEED_DB:
+        tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=v_ok)
+    for k0 in range(0, E, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < E
+        h = tl.load(
+            H + rows[:, None] * stride_hn + offs_k.to(tl.int64)[None, :] * stride_he,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        dz_lp = dz.to(h.dtype)
+        if NEED_DH:
+            w = tl.load(
+                W + offs_v.to(tl.int64)[:, None] * stride_wv + offs_k.to(tl.int64)[None, :] * stride_we,
+                mask=v_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).to(h.dtype)
+            dh = tl.dot(dz_lp, w, input_precision=PRECISION)
+            tl.atomic_add(DH + rows[:, None] * E + offs_k[None, :], dh, mask=m_ok[:, None] & k_ok[None, :])
+        if NEED_DW:
+            dw = tl.dot(tl.trans(dz_lp), h, input_precision=PRECISION)
+            tl.atomic_add(
+                DW + offs_v.to(tl.int64)[:, None] * E + offs_k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :]
+            )
+
+
+# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) by bytes per element of hidden: one table for every
+# supported GPU (each entry fits the smallest shared memory, sm_89's 99 KiB; the compile check verifies it), and
+# small tiles under the interpreter so odd sizes span several tiles. Untuned: no GPU has timed them yet.
+GPU_BLOCKS = {2: (64, 128, 64, 8, 2), 4: (64, 64, 32, 4, 2)}
+INTERPRETER_BLOCKS = (16, 32, 16, 4, 1)
+
+_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _register_configs() -> None:
+    for tdtype in _DTYPES:
+        bm, bv, bk, warps, stages = GPU_BLOCKS[4 if tdtype == "fp32" else 2]
+        ptr = f"*{tdtype}"
+        precision = "tf32" if tdtype == "fp32" else "ieee"
+        common_sig = {
+            "H": ptr, "W": ptr, "BIAS": "*fp32", "LABELS": "*i64", "ORDER": "*i32", "COUNT": "*i32",
+            "stride_hn": "i32", "stride_he": "i32", "stride_wv": "i32", "stride_we": "i32",
+            "V": "i32", "E": "i32", "eps": "fp32",
+        }  # fmt: skip
+        blocks = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk, "PRECISION": precision}
+        compile_targets.register(
+            f"masked_lm_loss_fwd[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            _mlm_fwd,
+            signature={**common_sig, "LOSS": "*fp32", "LSE": "*fp32"},
+            constexprs={"HAS_BIAS": True, **blocks},
+            num_warps=warps,
+            num_stages=stages,
+            divisible_by_16=("H", "W"),
+        )
+        compile_targets.register(
+            f"masked_lm_loss_bwd[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            _mlm_bwd,
+            signature={
+                **common_sig,
+                "GRAD": "*fp32",
+                "LSE": "*fp32",
+                "DH": "*fp32",
+                "DW": "*fp32",
+                "DB": "*fp32",
+                "stride_g": "i32",
+            },  # fmt: skip
+            constexprs={"HAS_BIAS": True, "NEED_DH": True, "NEED_DW": True, "NEED_DB": True, **blocks},
+            num_warps=warps,
+            num_stages=stages,
+            divisible_by_16=("H", "W"),
+        )
+
+
+_register_configs()
