@@ -120,3 +120,31 @@ def test_refuses_bf16_on_cpu_and_fp64() -> None:
         h, w, b, labels = _inputs(5, 16, 17, dtype, False, keep_frac=1.0)
         with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="triton"):
             ptfast.masked_lm_loss(h, w, labels)
+
+
+def test_refuses_gradients_under_deterministic_algorithms() -> None:
+    """Atomics are not bitwise reproducible: with determinism requested, triton refuses and auto runs torch."""
+    h, w, b, labels = _inputs(7, 16, 19, torch.float32, True, keep_frac=1.0)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="deterministic"):
+            ptfast.masked_lm_loss(h, w, labels, b)
+        with record_dispatch() as events:
+            ptfast.masked_lm_loss(h, w, labels, b).backward()
+        assert_ran(events, "masked_lm_loss", "torch", ("forward", "backward"))
+        with torch.no_grad(), ptfast.use_backend("triton"):
+            ptfast.masked_lm_loss(h, w, labels, b)  # no gradient wanted: triton runs
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize(("n", "v"), [(1, 5), (70, 257), (33, 31)])
+def test_vocabulary_splits_and_odd_sizes(n, v) -> None:
+    """Vocabularies of one tile or many (the forward splits them over programs and combines the partials)."""
+    h, w, b, labels = _inputs(n, 24, v, torch.float32, True, keep_frac=0.7, seed=3)
+    labels[0] = v - 1  # the last vocabulary entry, in the last (partial) tile
+    loss, grads, grad, leaves = _run(h, w, b, labels, "none", 0.1)
+    ref, ref_grads = _oracle(leaves, labels, "none", 0.1, grad)
+    assert_close64(loss, ref, "loss")
+    for name, g, r in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, strict=True):
+        assert_close64(g, r, name)

@@ -9,12 +9,15 @@ What it runs and why it refuses the rest:
 
 Ignored rows are compacted on the device (a stable sort of the validity flags and a device-side count), so no
 host sync and fixed shapes. Backward recomputes the logit tiles (4 GEMMs in all) and accumulates dhidden,
-dweight and dbias in fp32 with atomics.
+dweight and dbias in fp32 with atomics, so it is not bitwise reproducible: under
+``torch.use_deterministic_algorithms(True)`` this backend refuses inputs that need gradients (``auto`` then
+runs the deterministic torch backend).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
@@ -40,10 +43,21 @@ def supports(**meta: object) -> str | None:
         return f"triton: {hidden.dtype} hidden states are not supported (fp16, bf16, fp32); the torch backend runs them"
     if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
         return "triton: bfloat16 under the interpreter (TRITON_INTERPRET) computes tl.dot wrongly; use a GPU"
-    weight = meta["weight"]
-    if weight.dtype == torch.float64 or (meta.get("bias") is not None and meta["bias"].dtype == torch.float64):
+    weight, bias = meta["weight"], meta.get("bias")
+    if weight.dtype == torch.float64 or (bias is not None and bias.dtype == torch.float64):
         return "triton: float64 weight or bias is not supported"
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wants_grad and _deterministic_requested():
+        return (
+            "triton: the masked-LM backward accumulates gradients with atomics (not bitwise reproducible) and "
+            "torch.use_deterministic_algorithms(True) is set; the torch backend is deterministic"
+        )
     return None
+
+
+@constant_while_compiling
+def _deterministic_requested() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -60,15 +74,16 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor]:
-    """(row order with the valid rows first, int32 ``(N,)``; their count, int32 ``(1,)``), on the device.
+def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(row order with the valid rows first, int32 ``(N,)``; their count, int32 ``(1,)``; the bool validity
+    ``(N,)``), all on the device.
 
     Rows with a label outside ``[0, vocab)`` count as ignored (see the op's docstring), so nothing reads out of
     bounds whatever the label values.
     """
     valid = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
     order = torch.argsort((~valid).to(torch.uint8), stable=True).to(torch.int32)
-    return order, valid.sum(dtype=torch.int32).reshape(1)
+    return order, valid.sum(dtype=torch.int32).reshape(1), valid
 
 
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
@@ -82,22 +97,45 @@ def forward(
     from ptfast.backends.triton.masked_lm_loss_kernels import _mlm_fwd
 
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    loss = hidden.new_zeros(n_rows, dtype=torch.float32)
-    lse = hidden.new_zeros(n_rows, dtype=torch.float32)
     if n_rows == 0:
-        return loss, lse
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
     if vocab == 0 or hidden.shape[1] == 0:
         return _degenerate(hidden, weight, labels, bias, ignore_index, label_smoothing)
-    order, count = _compact(labels, ignore_index, vocab)
+    order, count, valid = _compact(labels, ignore_index, vocab)
     bm, bv, bk, warps, stages = _blocks(hidden.device, hidden.dtype)
+    row_tiles, v_tiles = -(-n_rows // bm), -(-vocab // bv)
+    tiles_per_split = -(-v_tiles // _splits(hidden.device, row_tiles, v_tiles))
+    splits = -(-v_tiles // tiles_per_split)  # no empty split
+    part = torch.empty((4, splits, n_rows), dtype=torch.float32, device=hidden.device)
     with _device_guard(hidden):
-        _mlm_fwd[(-(-n_rows // bm),)](
-            hidden, weight, bias if bias is not None else loss, labels, order, count, loss, lse,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), vocab, hidden.shape[1],
-            float(label_smoothing), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-            PRECISION=_precision(hidden.dtype, hidden.device), num_warps=warps, num_stages=stages,
+        _mlm_fwd[(row_tiles, splits)](
+            hidden, weight, bias if bias is not None else part, labels, order, count, part,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), part.stride(0), part.stride(1),
+            vocab, hidden.shape[1], tiles_per_split * bv, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv,
+            BLOCK_K=bk, PRECISION=_precision(hidden.dtype, hidden.device), num_warps=warps, num_stages=stages,
         )  # fmt: skip
-    return loss, lse
+    # Combine the splits: lse = logsumexp over splits of (max + log(sum)); rows never written (ignored) -> 0.
+    m, s, z_target, z_sum = part[0], part[1], part[2].sum(0), part[3].sum(0)
+    top = m.amax(0)
+    lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+    eps = float(label_smoothing)
+    loss = lse - (1.0 - eps) * z_target - (eps / vocab) * z_sum  # (1-eps)(lse - z_t) + eps * mean_v(lse - z_v)
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(device: torch.device, row_tiles: int, v_tiles: int) -> int:
+    """Vocabulary splits so that the forward grid has about two programs per SM (the interpreter uses 2, so the
+    tests exercise the combination)."""
+    if device.type != "cuda":
+        return min(2, v_tiles)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(v_tiles, -(-2 * sms // row_tiles)))
 
 
 def _degenerate(hidden, weight, labels, bias, ignore_index, label_smoothing):
@@ -130,7 +168,7 @@ def backward(
     dw = torch.zeros((vocab, embed), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     if n_rows > 0 and vocab > 0 and embed > 0 and (need_dh or need_dw or need_db):
-        order, count = _compact(labels, ignore_index, vocab)
+        order, count, _ = _compact(labels, ignore_index, vocab)
         bm, bv, bk, warps, stages = _blocks(dev, hidden.dtype)
         dummy = lse
         with _device_guard(hidden):

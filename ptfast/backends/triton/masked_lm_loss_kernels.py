@@ -8,10 +8,11 @@ sort of the validity flags: no ``.item()``, no ``nonzero()``) and stores their c
 covers every row, and programs whose row tile starts past the count exit at once, so CUDA graphs and
 ``torch.compile`` see fixed shapes.
 
-* ``_mlm_fwd``: one program per tile of valid rows; loops over vocabulary tiles, each logit tile built by a
+* ``_mlm_fwd``: one program per (tile of valid rows, vocabulary split) — splitting the vocabulary keeps every SM
+  busy when few rows are labelled (BERT: 15%); loops over the split's vocabulary tiles, each logit tile built by a
   K-loop of ``tl.dot`` over the hidden size with an fp32 accumulator (weight tiles are cast to hidden's dtype as
   they are loaded, so an fp32 weight under autocast is never copied), an online log-sum-exp in fp32, the target
-  logit and (for label smoothing) the sum of logits. Writes the per-row loss and log-sum-exp.
+  logit and (for label smoothing) the sum of logits. Writes per-split partials that the launcher combines.
 * ``_mlm_bwd``: one program per (row tile, vocabulary tile): recomputes its logit tile, forms
   ``dlogits = g * (softmax - (1 - eps) * onehot - eps / V)`` in fp32, and adds ``dlogits @ W`` to dhidden,
   ``dlogits^T @ h`` to dweight and the column sums to dbias, all fp32 buffers, with atomics. (So the summation
@@ -77,22 +78,27 @@ def _mlm_fwd(
     LABELS,
     ORDER,
     COUNT,
-    LOSS,
-    LSE,
+    PART,
     stride_hn,
     stride_he,
     stride_wv,
     stride_we,
+    stride_pk,
+    stride_ps,
     V,
     E,
-    eps,
+    v_per_split,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Partial results of one (row tile, vocabulary split): ``PART[k, split, row]`` holds, for k = 0..3, the
+    running max, the sum of exp(z - max), the target logit (0 if the target is in another split) and the sum of
+    the split's logits. The launcher combines the splits (a few (splits, N) torch ops, no host sync)."""
     m0 = tl.program_id(0) * BLOCK_M
+    split = tl.program_id(1)
     count = tl.load(COUNT)
     if m0 >= count:  # surplus tile: fewer valid rows than the grid was sized for
         return
@@ -104,9 +110,11 @@ def _mlm_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     z_target = tl.zeros([BLOCK_M], dtype=tl.float32)
     z_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        v_ok = offs_v < V
+        v_ok = offs_v < v_end
         z = _logit_tile(
             H, W, BIAS, rows, m_ok, offs_v, v_ok, E, stride_hn, stride_he, stride_wv, stride_we,
             HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
@@ -119,11 +127,11 @@ def _mlm_fwd(
             tl.exp2((z - m_new[:, None]) * 1.4426950408889634), axis=1
         )
         m_i = m_new
-    lse = m_i + tl.log2(l_i) * 0.6931471805599453
-    # (1 - eps) * (lse - z_target) + eps * mean_v(lse - z_v)
-    loss = lse - (1.0 - eps) * z_target - eps * z_sum / V
-    tl.store(LOSS + rows, loss, mask=m_ok)
-    tl.store(LSE + rows, lse, mask=m_ok)
+    part = PART + split.to(tl.int64) * stride_ps + rows
+    tl.store(part, m_i, mask=m_ok)
+    tl.store(part + stride_pk, l_i, mask=m_ok)
+    tl.store(part + 2 * stride_pk, z_target, mask=m_ok)
+    tl.store(part + 3 * stride_pk, z_sum, mask=m_ok)
 
 
 @triton.jit
@@ -219,14 +227,19 @@ def _register_configs() -> None:
         precision = "tf32" if tdtype == "fp32" else "ieee"
         common_sig = {
             "H": ptr, "W": ptr, "BIAS": "*fp32", "LABELS": "*i64", "ORDER": "*i32", "COUNT": "*i32",
-            "stride_hn": "i32", "stride_he": "i32", "stride_wv": "i32", "stride_we": "i32",
-            "V": "i32", "E": "i32", "eps": "fp32",
+            "stride_hn": "i32", "stride_he": "i32", "stride_wv": "i32", "stride_we": "i32", "V": "i32", "E": "i32",
         }  # fmt: skip
         blocks = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk, "PRECISION": precision}
         compile_targets.register(
             f"masked_lm_loss_fwd[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
             _mlm_fwd,
-            signature={**common_sig, "LOSS": "*fp32", "LSE": "*fp32"},
+            signature={
+                **common_sig,
+                "PART": "*fp32",
+                "stride_pk": "i32",
+                "stride_ps": "i32",
+                "v_per_split": "i32",
+            },  # fmt: skip
             constexprs={"HAS_BIAS": True, **blocks},
             num_warps=warps,
             num_stages=stages,
@@ -243,6 +256,7 @@ def _register_configs() -> None:
                 "DW": "*fp32",
                 "DB": "*fp32",
                 "stride_g": "i32",
+                "eps": "fp32",
             },  # fmt: skip
             constexprs={"HAS_BIAS": True, "NEED_DH": True, "NEED_DW": True, "NEED_DB": True, **blocks},
             num_warps=warps,
