@@ -13,6 +13,9 @@
 # Extra bench args go to benchmarks.run (e.g. --op attention, --cuda-graphs, --full); when they name --op,
 # --all is not added. Tunables: PTFAST_CMD_BUDGET (575 s for the whole command), PTFAST_INSTALL_TIMEOUT,
 # PTFAST_TESTS_TIMEOUT, PTFAST_BENCH_TIMEOUT, PTFAST_BENCH_REPORT_MARGIN, PTFAST_REINSTALL=1, PYTHON, OUT.
+# Benchmark baselines (Liger-Kernel, cut-cross-entropy): wheels/*.whl, fetched here by
+# scripts/fetch_bench_wheels.sh and carried with carry: ["wheels"], are installed by every phase with
+# pip --no-deps --no-index (appended to install.log; a failure is logged, never fatal).
 
 set -uo pipefail  # no -e: a failing phase is logged and the results are still packed
 export PYTHONUNBUFFERED=1
@@ -23,7 +26,7 @@ PHASE="${1:-all}"
 [[ $# -gt 0 ]] && shift
 case "$PHASE" in
   setup|tests|bench|all) ;;
-  -h|--help|help) sed -n '2,15p' "$0"; exit 0 ;;
+  -h|--help|help) sed -n '2,18p' "$0"; exit 0 ;;
   *) echo "usage: bash scripts/gpu_run.sh [setup|tests|bench|all] [extra benchmark args]" >&2; exit 2 ;;
 esac
 
@@ -103,6 +106,30 @@ phase_install() {
   "$PY" -c "import ptfast, sys; print('ptfast imported from', ptfast.__file__)" 2>&1 | tee -a "$LOGS/install.log"
 }
 
+phase_wheels() {  # optional third-party wheels for the benchmark baselines; never fatal
+  local whls=() w
+  for w in "$ROOT"/wheels/*.whl; do [[ -f "$w" ]] && whls+=("$w"); done
+  if (( ${#whls[@]} == 0 )); then
+    note "wheels: none in wheels/ (bash scripts/fetch_bench_wheels.sh here, then carry [\"wheels\"])"
+    return 0
+  fi
+  note "wheels: $PY -m pip install --no-deps --no-index ${whls[*]##*/}"
+  {
+    echo "== wheels/ install $(date -u +%Y-%m-%dT%H:%M:%SZ) =="
+    timeout 120 "$PY" -m pip install --disable-pip-version-check --no-deps --no-index "${whls[@]}"
+  } 2>&1 | tee -a "$LOGS/install.log"
+  local rc=${PIPESTATUS[0]}
+  if [[ $rc -ne 0 ]]; then
+    note "wheels: install FAILED (exit $rc); the providers that need them will be skipped; see install.log"
+  fi
+  for w in "${whls[@]}"; do
+    w="${w##*/}"
+    "$PY" -c "import importlib.metadata as m, sys; print('wheels:', sys.argv[1], m.version(sys.argv[1]))" \
+      "${w%%-*}" 2>&1 | tail -n 1 | tee -a "$LOGS/install.log"
+  done
+  return 0
+}
+
 phase_tests() {
   local t; t="$(left "$TESTS_TIMEOUT")"
   if (( t < 30 )); then note "tests: not started, only ${t}s left of this command"; record tests 124; return; fi
@@ -127,6 +154,7 @@ phase_bench() {
 
 phase_env
 phase_install
+phase_wheels
 case "$PHASE" in
   setup) ;;
   tests) phase_tests ;;

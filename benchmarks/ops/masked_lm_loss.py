@@ -202,6 +202,8 @@ def _torch_linear_ce() -> Provider:
 
 
 def _liger() -> Provider:
+    # Checked against liger-kernel 0.8.5: LigerFusedLinearCrossEntropyLoss(ignore_index=..., reduction="mean", ...)
+    # and forward(lin_weight, _input, target, bias=None) -> loss (a tensor unless extra outputs are asked for).
     def build(case: Case, inp: Inputs, mode: str) -> Step:
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -209,19 +211,28 @@ def _liger() -> Provider:
             raise Skip(f"Liger-Kernel is not importable ({e.__class__.__name__}: {e})") from e
         if inp["hidden"].device.type != "cuda":
             raise Skip("Liger-Kernel needs CUDA")
-        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="mean")
         e = inp["hidden"].shape[-1]
 
         def fwd() -> Tensor:
             out: Any = loss_fn(inp["weight"], inp["hidden"].reshape(-1, e), inp["labels"].reshape(-1), inp["bias"])
-            return out[0] if isinstance(out, tuple) else out
+            return out if isinstance(out, Tensor) else out.loss
 
         return make_step(fwd, inp["leaves"], mode, None)
 
-    return Provider("liger", "external", "Liger-Kernel LigerFusedLinearCrossEntropyLoss on all tokens", build)
+    return Provider(
+        "liger",
+        "external",
+        "Liger-Kernel LigerFusedLinearCrossEntropyLoss (defaults: accum_dtype=None, i.e. gradient accumulators in "
+        "the parameters' dtype): chunked linear over all tokens; with a training forward it computes the gradients "
+        "in the forward, so its fwd column includes most of the backward work",
+        build,
+    )
 
 
 def _cce() -> Provider:
+    # Checked against cut-cross-entropy 25.1.1: linear_cross_entropy(e, c, targets, ignore_index=-100, softcap=None,
+    # reduction="mean", shift=False, filter_eps="high", impl="cce") -- there is no bias argument.
     def build(case: Case, inp: Inputs, mode: str) -> Step:
         try:
             from cut_cross_entropy import linear_cross_entropy
@@ -229,6 +240,8 @@ def _cce() -> Provider:
             raise Skip(f"cut-cross-entropy is not importable ({e.__class__.__name__}: {e})") from e
         if inp["hidden"].device.type != "cuda":
             raise Skip("cut-cross-entropy needs CUDA")
+        if inp["bias"] is not None:
+            raise Skip("cut-cross-entropy's linear_cross_entropy takes no bias (this case has a decoder bias)")
         e = inp["hidden"].shape[-1]
 
         def fwd() -> Tensor:
@@ -236,7 +249,6 @@ def _cce() -> Provider:
                 inp["hidden"].reshape(-1, e),
                 inp["weight"],
                 inp["labels"].reshape(-1),
-                bias=inp["bias"],
                 ignore_index=IGNORE,
                 reduction="mean",
             )
@@ -244,7 +256,11 @@ def _cce() -> Provider:
         return make_step(fwd, inp["leaves"], mode, None)
 
     return Provider(
-        "cut-cross-entropy", "external", "Apple's cut-cross-entropy linear_cross_entropy on all tokens", build
+        "cut-cross-entropy",
+        "external",
+        "Apple's cut-cross-entropy linear_cross_entropy (impl='cce', default filter_eps='high': gradients below "
+        "eps/32 are skipped); ignored rows are dropped with nonzero() (a host sync); no bias support",
+        build,
     )
 
 
@@ -271,8 +287,9 @@ def spec() -> OpSpec:
         baseline="hf-all-tokens",
         reference=("hf-all-tokens", "gathered", "ptfast[torch]"),
         notes=[
-            "Liger-Kernel and cut-cross-entropy are measured only when importable on the machine "
-            "(not installed on the offline GPU machine by default); otherwise they are listed as skipped.",
+            "Liger-Kernel and cut-cross-entropy are measured only when importable on the machine (on the offline "
+            "GPU machine: fetch their wheels with scripts/fetch_bench_wheels.sh and carry wheels/); otherwise "
+            "they are listed as skipped.",
         ],
         case_doc="N tokens (rows), valid = labelled rows, E hidden size, V vocabulary; TFLOP/s count labelled rows "
         "only (2·valid·E·V forward, x3 with backward).",
