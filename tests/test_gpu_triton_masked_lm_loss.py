@@ -364,3 +364,32 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(c, e, msg=lambda m, name=name: f"loss {name}: {m}")
     for name, c, e in zip(NAMES, cgrads, egrads, strict=True):
         torch.testing.assert_close(c, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms the atomic-free backward runs: identical bits on two runs, and the
+    default (atomic) backward agrees with it to rounding."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11)
+    h = torch.randn(3001, 256, device=dev, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(5003, 256, device=dev, generator=g) / 16).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(5003, device=dev, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 5003, (3001,), device=dev, generator=g)
+    y[torch.rand(3001, device=dev, generator=g) > 0.15] = -100
+
+    def grads():
+        with ptfast.use_backend("triton"), record_dispatch() as events:
+            loss = ptfast.masked_lm_loss(h, w, y, b, label_smoothing=0.1)
+            out = torch.autograd.grad(loss, [h, w, b])
+        assert_ran(events, "masked_lm_loss", "triton", ("forward", "backward"))
+        return out
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+    for a, c in zip(first, grads(), strict=True):
+        assert rel_err(c, a) < 1e-2

@@ -122,20 +122,36 @@ def test_refuses_bf16_on_cpu_and_fp64() -> None:
             ptfast.masked_lm_loss(h, w, labels)
 
 
-def test_refuses_gradients_under_deterministic_algorithms() -> None:
-    """Atomics are not bitwise reproducible: with determinism requested, triton refuses and auto runs torch."""
-    h, w, b, labels = _inputs(7, 16, 19, torch.float32, True, keep_frac=1.0)
+def test_deterministic_backward_is_bitwise_reproducible_and_exact() -> None:
+    """Under torch.use_deterministic_algorithms the atomic-free kernels run: same bits twice, oracle-exact."""
+    h, w, b, labels = _inputs(41, 24, 70, torch.float32, True, keep_frac=0.6, seed=5)
     torch.use_deterministic_algorithms(True)
     try:
-        with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="deterministic"):
-            ptfast.masked_lm_loss(h, w, labels, b)
-        with record_dispatch() as events:
-            ptfast.masked_lm_loss(h, w, labels, b).backward()
-        assert_ran(events, "masked_lm_loss", "torch", ("forward", "backward"))
-        with torch.no_grad(), ptfast.use_backend("triton"):
-            ptfast.masked_lm_loss(h, w, labels, b)  # no gradient wanted: triton runs
+        first = _run(h, w, b, labels, "none", 0.1)
+        second = _run(h, w, b, labels, "none", 0.1)
     finally:
         torch.use_deterministic_algorithms(False)
+    for a, c in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, c)
+    ref, ref_grads = _oracle(first[3], labels, "none", 0.1, first[2])
+    for name, g, r in zip(("dhidden", "dweight", "dbias"), first[1], ref_grads, strict=True):
+        assert_close64(g, r, name)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_deterministic_backward_partial_gradients(monkeypatch, needs) -> None:
+    """Only the gradients asked for (PTFAST_MLM_DETERMINISTIC=1 selects the atomic-free kernels)."""
+    monkeypatch.setenv("PTFAST_MLM_DETERMINISTIC", "1")
+    h, w, b, labels = _inputs(19, 16, 45, torch.float32, True, keep_frac=0.7, seed=6)
+    leaves = [t for t, need in zip((h, w, b), needs, strict=True) if need]
+    with ptfast.use_backend("triton"):
+        loss = ptfast.masked_lm_loss(h, w, labels, b)
+        grads = torch.autograd.grad(loss, leaves)
+    l64 = [t.detach().double().requires_grad_(need) for t, need in zip((h, w, b), needs, strict=True)]
+    ref = oracle.masked_lm_loss(l64[0], l64[1], labels, l64[2])
+    ref_grads = torch.autograd.grad(ref, [t for t in l64 if t.requires_grad])
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close64(g, r, "partial gradient")
 
 
 @pytest.mark.parametrize(("n", "v"), [(1, 5), (70, 257), (33, 31)])

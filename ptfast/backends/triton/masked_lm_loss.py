@@ -9,15 +9,16 @@ What it runs and why it refuses the rest:
 
 Ignored rows are compacted on the device (a stable sort of the validity flags and a device-side count), so no
 host sync and fixed shapes. Backward recomputes the logit tiles (4 GEMMs in all) and accumulates dhidden,
-dweight and dbias in fp32 with atomics, so it is not bitwise reproducible: under
-``torch.use_deterministic_algorithms(True)`` this backend refuses inputs that need gradients (``auto`` then
-runs the deterministic torch backend).
+dweight and dbias in fp32 with atomics, so the last bits vary run to run; under
+``torch.use_deterministic_algorithms(True)`` (or ``PTFAST_MLM_DETERMINISTIC=1``) it runs the atomic-free kernels
+instead, which recompute the logit tiles once more (5 GEMMs) and are bitwise reproducible.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -46,18 +47,15 @@ def supports(**meta: object) -> str | None:
     weight, bias = meta["weight"], meta.get("bias")
     if weight.dtype == torch.float64 or (bias is not None and bias.dtype == torch.float64):
         return "triton: float64 weight or bias is not supported"
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if wants_grad and _deterministic_requested():
-        return (
-            "triton: the masked-LM backward accumulates gradients with atomics (not bitwise reproducible) and "
-            "torch.use_deterministic_algorithms(True) is set; the torch backend is deterministic"
-        )
     return None
 
 
-@constant_while_compiling
-def _deterministic_requested() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
+def deterministic_backward() -> bool:
+    """The atomic-free backward: under ``torch.use_deterministic_algorithms(True)`` or
+    ``PTFAST_MLM_DETERMINISTIC=1``."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    return os.environ.get("PTFAST_MLM_DETERMINISTIC", "0") not in ("", "0")
 
 
 def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -158,7 +156,11 @@ def backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dhidden, dweight, dbias)`` for the entries of ``needs`` that are True (None for the others)."""
-    from ptfast.backends.triton.masked_lm_loss_kernels import _mlm_bwd
+    from ptfast.backends.triton.masked_lm_loss_kernels import (
+        _mlm_bwd,
+        _mlm_bwd_dh_deterministic,
+        _mlm_bwd_dw_deterministic,
+    )
 
     need_dh, need_dw, need_db = needs
     need_db = need_db and bias is not None
@@ -171,15 +173,29 @@ def backward(
         order, count, _ = _compact(labels, ignore_index, vocab)
         bm, bv, bk, warps, stages = _blocks(dev, hidden.dtype)
         dummy = lse
+        head = (grad, hidden, weight, bias if bias is not None else dummy, labels, order, count, lse)
+        strides = (grad.stride(0), hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+        sizes = (vocab, embed, float(label_smoothing))
+        meta = dict(
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, PRECISION=_precision(hidden.dtype, dev),
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        row_tiles, v_tiles = -(-n_rows // bm), -(-vocab // bv)
         with _device_guard(hidden):
-            _mlm_bwd[(-(-n_rows // bm), -(-vocab // bv))](
-                grad, hidden, weight, bias if bias is not None else dummy, labels, order, count, lse,
-                dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-                grad.stride(0), hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), vocab, embed,
-                float(label_smoothing), HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw,
-                NEED_DB=need_db, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-                PRECISION=_precision(hidden.dtype, dev), num_warps=warps, num_stages=stages,
-            )  # fmt: skip
+            if deterministic_backward():
+                if need_dh:
+                    _mlm_bwd_dh_deterministic[(row_tiles,)](*head, dh, *strides, *sizes, **meta)
+                if need_dw or need_db:
+                    _mlm_bwd_dw_deterministic[(v_tiles,)](
+                        *head, dw if dw is not None else dummy, db if db is not None else dummy, *strides, *sizes,
+                        NEED_DW=need_dw, NEED_DB=need_db, **meta,
+                    )  # fmt: skip
+            else:
+                _mlm_bwd[(row_tiles, v_tiles)](
+                    *head, dh if dh is not None else dummy, dw if dw is not None else dummy,
+                    db if db is not None else dummy, *strides, *sizes, NEED_DH=need_dh, NEED_DW=need_dw,
+                    NEED_DB=need_db, **meta,
+                )  # fmt: skip
     elif n_rows > 0 and embed == 0 and vocab > 0 and need_db:
         from ptfast.backends.torch import masked_lm_loss as torch_mlm  # logits are the bias alone
 

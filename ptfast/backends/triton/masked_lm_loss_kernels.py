@@ -15,8 +15,12 @@ covers every row, and programs whose row tile starts past the count exit at once
   logit and (for label smoothing) the sum of logits. Writes per-split partials that the launcher combines.
 * ``_mlm_bwd``: one program per (row tile, vocabulary tile): recomputes its logit tile, forms
   ``dlogits = g * (softmax - (1 - eps) * onehot - eps / V)`` in fp32, and adds ``dlogits @ W`` to dhidden,
-  ``dlogits^T @ h`` to dweight and the column sums to dbias, all fp32 buffers, with atomics. (So the summation
-  order of the gradients varies run to run in the last bits; a deterministic variant is future work.)
+  ``dlogits^T @ h`` to dweight and the column sums to dbias, all fp32 buffers, with atomics (so the summation
+  order of the gradients varies run to run in the last bits).
+* ``_mlm_bwd_dh_deterministic`` / ``_mlm_bwd_dw_deterministic``: the bitwise-reproducible backward used under
+  ``torch.use_deterministic_algorithms(True)`` (or ``PTFAST_MLM_DETERMINISTIC=1``): one program per row tile
+  (dhidden) and one per vocabulary tile (dweight, dbias), each summing into its own rows in a fixed order; the
+  logit tiles are recomputed by both kernels (5 GEMMs in all instead of 4).
 
 All row, vocabulary and hidden offsets are int64 (8192 x 256000 logits exceed 2^31).
 """
@@ -135,6 +139,42 @@ def _mlm_fwd(
 
 
 @triton.jit
+def _dlogits(
+    H,
+    W,
+    BIAS,
+    rows,
+    m_ok,
+    target,
+    lse,
+    g,
+    offs_v,
+    v_ok,
+    V,
+    E,
+    eps,
+    stride_hn,
+    stride_he,
+    stride_wv,
+    stride_we,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``g * d loss / d z`` of one (rows x vocabulary) tile in fp32, 0 outside the valid rows and vocabulary."""
+    z = _logit_tile(
+        H, W, BIAS, rows, m_ok, offs_v, v_ok, E, stride_hn, stride_he, stride_wv, stride_we,
+        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+    )  # fmt: skip
+    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
+    # formed in fp32 (the target column included) before any rounding
+    dz = p - eps / V - tl.where(offs_v[None, :] == target[:, None], 1.0 - eps, 0.0)
+    return tl.where(m_ok[:, None] & v_ok[None, :], dz * g[:, None], 0.0)
+
+
+@triton.jit
 def _mlm_bwd(
     GRAD,
     H,
@@ -177,14 +217,10 @@ def _mlm_bwd(
     g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < V
-    z = _logit_tile(
-        H, W, BIAS, rows, m_ok, offs_v, v_ok, E, stride_hn, stride_he, stride_wv, stride_we,
-        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+    dz = _dlogits(
+        H, W, BIAS, rows, m_ok, target, lse, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
+        stride_we, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
     )  # fmt: skip
-    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
-    # d loss / d z, formed in fp32 (the target column included) before any rounding
-    dz = p - eps / V - tl.where(offs_v[None, :] == target[:, None], 1.0 - eps, 0.0)
-    dz = tl.where(m_ok[:, None] & v_ok[None, :], dz * g[:, None], 0.0)
     if NEED_DB:
         tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=v_ok)
     for k0 in range(0, E, BLOCK_K):
@@ -209,6 +245,131 @@ def _mlm_bwd(
             tl.atomic_add(
                 DW + offs_v.to(tl.int64)[:, None] * E + offs_k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :]
             )
+
+
+@triton.jit
+def _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M: tl.constexpr):
+    count = tl.load(COUNT)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
+    target = tl.load(LABELS + rows, mask=m_ok, other=0)
+    lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
+    g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
+    return rows, m_ok, target, lse, g
+
+
+@triton.jit
+def _mlm_bwd_dh_deterministic(
+    GRAD,
+    H,
+    W,
+    BIAS,
+    LABELS,
+    ORDER,
+    COUNT,
+    LSE,
+    DH,
+    stride_g,
+    stride_hn,
+    stride_he,
+    stride_wv,
+    stride_we,
+    V,
+    E,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dhidden of one row tile, summed over the vocabulary tiles in a fixed order into this program's own rows
+    of the fp32 buffer DH ``(N, E)`` (read-modify-write, no atomics: bitwise reproducible)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= tl.load(COUNT):
+        return
+    rows, m_ok, target, lse, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        dz = _dlogits(
+            H, W, BIAS, rows, m_ok, target, lse, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
+            stride_we, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        dz_lp = dz.to(H.dtype.element_ty)
+        for k0 in range(0, E, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < E
+            w = tl.load(
+                W + offs_v.to(tl.int64)[:, None] * stride_wv + offs_k.to(tl.int64)[None, :] * stride_we,
+                mask=v_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).to(H.dtype.element_ty)
+            ptrs = DH + rows[:, None] * E + offs_k[None, :]
+            ok = m_ok[:, None] & k_ok[None, :]
+            acc = tl.load(ptrs, mask=ok, other=0.0)
+            tl.store(ptrs, acc + tl.dot(dz_lp, w, input_precision=PRECISION), mask=ok)
+
+
+@triton.jit
+def _mlm_bwd_dw_deterministic(
+    GRAD,
+    H,
+    W,
+    BIAS,
+    LABELS,
+    ORDER,
+    COUNT,
+    LSE,
+    DW,
+    DB,
+    stride_g,
+    stride_hn,
+    stride_he,
+    stride_wv,
+    stride_we,
+    V,
+    E,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dweight and dbias of one vocabulary tile, summed over the valid row tiles in a fixed order into this
+    program's own rows of the fp32 buffers DW ``(V, E)`` and DB ``(V,)`` (bitwise reproducible)."""
+    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < V
+    count = tl.load(COUNT)
+    db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for m0 in range(0, count, BLOCK_M):
+        rows, m_ok, target, lse, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
+        dz = _dlogits(
+            H, W, BIAS, rows, m_ok, target, lse, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
+            stride_we, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        if NEED_DB:
+            db += tl.sum(dz, axis=0)
+        if NEED_DW:
+            dz_lp = dz.to(H.dtype.element_ty)
+            for k0 in range(0, E, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < E
+                h = tl.load(
+                    H + rows[:, None] * stride_hn + offs_k.to(tl.int64)[None, :] * stride_he,
+                    mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                ptrs = DW + offs_v.to(tl.int64)[:, None] * E + offs_k[None, :]
+                ok = v_ok[:, None] & k_ok[None, :]
+                acc = tl.load(ptrs, mask=ok, other=0.0)
+                tl.store(ptrs, acc + tl.dot(tl.trans(dz_lp), h, input_precision=PRECISION), mask=ok)
+    if NEED_DB:
+        tl.store(DB + offs_v, db, mask=v_ok)
 
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) by bytes per element of hidden: one table for every
@@ -259,6 +420,25 @@ def _register_configs() -> None:
                 "eps": "fp32",
             },  # fmt: skip
             constexprs={"HAS_BIAS": True, "NEED_DH": True, "NEED_DW": True, "NEED_DB": True, **blocks},
+            num_warps=warps,
+            num_stages=stages,
+            divisible_by_16=("H", "W"),
+        )
+        det_sig = {**common_sig, "GRAD": "*fp32", "LSE": "*fp32", "stride_g": "i32", "eps": "fp32"}
+        compile_targets.register(
+            f"masked_lm_loss_bwd_dh_deterministic[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            _mlm_bwd_dh_deterministic,
+            signature={**det_sig, "DH": "*fp32"},
+            constexprs={"HAS_BIAS": True, **blocks},
+            num_warps=warps,
+            num_stages=stages,
+            divisible_by_16=("H", "W"),
+        )
+        compile_targets.register(
+            f"masked_lm_loss_bwd_dw_deterministic[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            _mlm_bwd_dw_deterministic,
+            signature={**det_sig, "DW": "*fp32", "DB": "*fp32"},
+            constexprs={"HAS_BIAS": True, "NEED_DW": True, "NEED_DB": True, **blocks},
             num_warps=warps,
             num_stages=stages,
             divisible_by_16=("H", "W"),
