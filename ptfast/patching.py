@@ -6,11 +6,19 @@ becomes :class:`ptfast.nn.ConvReLU2d`; the ReLU / pool slots become ``nn.Identit
 objects and state_dict keys stay what they were (old checkpoints load, optimizers keep their state).
 Modules that carry hooks (feature extractors tap ``relu1_2`` etc.) are left alone, as are convolutions the
 fused op does not support. Patching is idempotent.
+
+Hugging Face models (recognized only when transformers is already imported or the model's class comes from it;
+``import ptfast`` never imports transformers): ``attn_implementation="ptfast"`` is registered and, with
+``attention=True``, an ``"eager"`` / ``"sdpa"`` encoder is switched to it; a ``BertForMaskedLM`` /
+``BertForPreTraining`` gets a forward on the instance that, in training with labels, runs the masked-LM head
+only on masked rows and the fused loss, returning ``logits=None`` (see :mod:`ptfast.integrations.bert_mlm`).
+Modules, parameters and state_dict keys stay as they were.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -94,12 +102,51 @@ def _patch_sequential(seq: nn.Sequential, prefix: str, report: PatchReport) -> N
             i += 2
 
 
-def patch(model: nn.Module, *, conv: bool = True, verbose: bool = False) -> nn.Module:
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A ``transformers.PreTrainedModel``, decided without importing transformers unless the model needs it."""
+    from_transformers = any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__)
+    if "transformers" not in sys.modules and not from_transformers:
+        return False
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return isinstance(model, transformers.PreTrainedModel)
+
+
+def _outermost_transformers_models(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(qualified name + ".", model)`` of each Hugging Face model in ``module`` not nested in another one."""
+    if _is_transformers_model(module):
+        return [(prefix, module)]
+    found: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        found += _outermost_transformers_models(child, f"{prefix}{name}.")
+    return found
+
+
+def patch(
+    model: nn.Module,
+    *,
+    conv: bool = True,
+    attention: bool = True,
+    mlm: bool = True,
+    mlm_row_budget: float | None = 0.2,
+    verbose: bool = False,
+) -> nn.Module:
     """Swap supported blocks of ``model`` for fused ptfast modules, in place; returns ``model``.
 
     Args:
-        model: any ``nn.Module``; VGG-style ``nn.Sequential`` stacks inside it are patched.
+        model: any ``nn.Module``; VGG-style ``nn.Sequential`` stacks inside it are patched, and so are Hugging
+            Face BERT masked-LM models (see the module docstring).
         conv: set False to leave convolution blocks alone.
+        attention: Hugging Face models: switch ``attn_implementation`` ``"eager"`` / ``"sdpa"`` to ``"ptfast"``
+            (the same attention function, so the same results; ``output_attentions=True`` is then refused, and
+            dropout masks come from ptfast's generator). Decoders and generative models keep theirs.
+        mlm: Hugging Face ``BertForMaskedLM`` / ``BertForPreTraining``: in training with labels, run the head
+            only on masked rows and the fused loss; the output's logits are then None.
+        mlm_row_budget: under ``torch.compile``, the static number of rows the masked-LM head runs on, as a
+            fraction of the tokens (rounded up to a multiple of 8); a batch with more masked tokens runs the head
+            on every row instead. None: every row.
         verbose: print the report (it is always logged at INFO on the ``ptfast`` logger).
 
     The report of the last call is kept on ``model.ptfast_patch_report``.
@@ -109,6 +156,18 @@ def patch(model: nn.Module, *, conv: bool = True, verbose: bool = False) -> nn.M
         for prefix, module in list(model.named_modules()):
             if isinstance(module, nn.Sequential):
                 _patch_sequential(module, f"{prefix}." if prefix else "", report)
+    for prefix, hf_model in _outermost_transformers_models(model):
+        from ptfast.integrations import bert_mlm
+
+        bert_mlm.patch_model(
+            hf_model,
+            report.replaced,
+            report.skipped,
+            prefix=prefix,
+            attention=attention,
+            mlm=mlm,
+            row_budget_fraction=mlm_row_budget,
+        )
     model.ptfast_patch_report = report
     log.info("%s", report)
     if verbose:

@@ -30,8 +30,6 @@ treated exactly like ``ignore_index``: loss 0, no gradient, not counted by ``mea
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -205,7 +203,9 @@ def _validate(
         raise ValueError(f"ptfast.{op}: reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"ptfast.{op}: label_smoothing must be a float, got {label_smoothing!r}")
-    if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+    # No math.isfinite: under torch.compile(dynamic=True) the value may be a symbolic float; the comparisons
+    # already reject NaN and inf.
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"ptfast.{op}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
 
 
