@@ -10,8 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <optional>
+#include <tuple>
 
 #include "bias_relu/bias_relu.cuh"
+#include "bias_relu_pool/bias_relu_pool.cuh"
 
 namespace {
 
@@ -68,10 +70,98 @@ at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias) {
   return y;
 }
 
+// The layout of a 4-D tensor contiguous in NCHW or channels_last (NCHW when both hold: same memory).
+int layout_of(const at::Tensor& t, const char* what) {
+  if (t.is_contiguous()) {
+    return ptfast::kBiasReluNCHW;
+  }
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "ptfast._C: ", what,
+              " must be contiguous in NCHW or channels_last, got strides ", t.strides());
+  return ptfast::kBiasReluNHWC;
+}
+
+at::MemoryFormat memory_format_of(int layout) {
+  return layout == ptfast::kBiasReluNHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// (out, argmax): relu(maxpool2x2(round(z + bias[c]))) and the uint8 window offset of the first maximum
+// (an empty uint8 tensor when need_argmax is false). z: (N, C, H, W) conv output without bias.
+std::tuple<at::Tensor, at::Tensor> bias_relu_pool(const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                                  bool need_argmax) {
+  TORCH_CHECK(z.is_cuda(), "ptfast._C.bias_relu_pool: z must be a CUDA tensor, got ", z.device());
+  TORCH_CHECK(z.dim() == 4, "ptfast._C.bias_relu_pool: z must be 4-D (N, C, H, W), got shape ", z.sizes());
+  const int dtype = bias_relu_dtype(z.scalar_type());
+  const int layout = layout_of(z, "z");
+  const int64_t n = z.size(0), c = z.size(1), h = z.size(2), w = z.size(3);
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device() == z.device() && b.scalar_type() == z.scalar_type() && b.dim() == 1 && b.size(0) == c &&
+                    b.is_contiguous(),
+                "ptfast._C.bias_relu_pool: bias must be a contiguous (", c, ",) tensor of z's dtype and device");
+    bias_ptr = b.data_ptr();
+  }
+  const auto fmt = memory_format_of(layout);
+  at::Tensor out = at::empty({n, c, h / 2, w / 2}, z.options().memory_format(fmt));
+  at::Tensor argmax = need_argmax ? at::empty({n, c, h / 2, w / 2}, z.options().dtype(at::kByte).memory_format(fmt))
+                                  : at::empty({0}, z.options().dtype(at::kByte));
+  if (out.numel() == 0) {
+    return {out, argmax};
+  }
+  const c10::cuda::CUDAGuard guard(z.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
+  const cudaError_t err =
+      ptfast_bias_relu_pool(z.data_ptr(), bias_ptr, out.data_ptr(),
+                            need_argmax ? argmax.data_ptr<uint8_t>() : nullptr, n, c, h, w, layout, dtype, stream);
+  TORCH_CHECK(err == cudaSuccess, "ptfast._C.bias_relu_pool: kernel launch failed: ", cudaGetErrorString(err));
+  return {out, argmax};
+}
+
+// (g_conv, dbias): the gradient w.r.t. the conv output (N, C, H, W) rebuilt from the pooled (grad, out, argmax),
+// and the bias gradient (C,) in grad's dtype (summed in fp32; an empty tensor when need_dbias is false).
+std::tuple<at::Tensor, at::Tensor> pool_relu_backward(const at::Tensor& grad, const at::Tensor& out,
+                                                      const at::Tensor& argmax, int64_t h, int64_t w,
+                                                      bool need_dbias) {
+  TORCH_CHECK(grad.is_cuda() && out.is_cuda() && argmax.is_cuda(),
+              "ptfast._C.pool_relu_backward: grad, out and argmax must be CUDA tensors");
+  TORCH_CHECK(out.dim() == 4 && grad.sizes() == out.sizes() && argmax.sizes() == out.sizes(),
+              "ptfast._C.pool_relu_backward: grad ", grad.sizes(), ", out ", out.sizes(), " and argmax ",
+              argmax.sizes(), " must have one 4-D shape");
+  TORCH_CHECK(grad.scalar_type() == out.scalar_type() && argmax.scalar_type() == at::kByte,
+              "ptfast._C.pool_relu_backward: grad and out must share a dtype and argmax must be uint8");
+  TORCH_CHECK(h >= 0 && w >= 0 && h / 2 == out.size(2) && w / 2 == out.size(3),
+              "ptfast._C.pool_relu_backward: conv output size (", h, ", ", w, ") does not pool to ", out.sizes());
+  const int dtype = bias_relu_dtype(out.scalar_type());
+  const int layout = layout_of(out, "out");
+  const auto fmt = memory_format_of(layout);
+  TORCH_CHECK(layout_of(argmax, "argmax") == layout,
+              "ptfast._C.pool_relu_backward: argmax must have out's memory format");
+  const at::Tensor g = grad.contiguous(fmt);  // autograd may hand any strides
+  const int64_t n = out.size(0), c = out.size(1);
+  // The kernel writes every 2x2 window; rows/columns the pool floored away must start at 0.
+  at::Tensor g_conv = (h % 2 || w % 2) ? at::zeros({n, c, h, w}, out.options().memory_format(fmt))
+                                       : at::empty({n, c, h, w}, out.options().memory_format(fmt));
+  at::Tensor dbias = need_dbias ? at::empty({c}, out.options().dtype(at::kFloat)) : at::empty({0}, out.options());
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
+  const cudaError_t err = ptfast_pool_relu_backward(
+      g.data_ptr(), out.data_ptr(), argmax.data_ptr<uint8_t>(), g_conv.data_ptr(),
+      need_dbias ? dbias.data_ptr<float>() : nullptr, n, c, h, w, layout, dtype, stream);
+  TORCH_CHECK(err == cudaSuccess, "ptfast._C.pool_relu_backward: kernel launch failed: ", cudaGetErrorString(err));
+  return {g_conv, need_dbias ? dbias.to(out.scalar_type()) : dbias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptfast CUDA kernels (optional extension; see ptfast.backends.cuda)";
   m.def("bias_relu_", &bias_relu_, "In place y = relu(y + bias[c]) for NCHW / channels_last CUDA tensors",
         pybind11::arg("y"), pybind11::arg("bias") = pybind11::none());
+  m.def("bias_relu_pool", &bias_relu_pool,
+        "(out, argmax) = fused bias + ReLU + 2x2 max-pool (+ uint8 argmax) of a conv output, NCHW or channels_last",
+        pybind11::arg("z"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("need_argmax") = true);
+  m.def("pool_relu_backward", &pool_relu_backward,
+        "(g_conv, dbias): conv-output gradient rebuilt from pooled (grad, out, argmax), and the bias gradient",
+        pybind11::arg("grad"), pybind11::arg("out"), pybind11::arg("argmax"), pybind11::arg("h"),
+        pybind11::arg("w"), pybind11::arg("need_dbias") = true);
 }

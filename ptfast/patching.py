@@ -1,9 +1,14 @@
 """``ptfast.patch(model)``: swap supported blocks of an existing model for fused ptfast modules, in place.
 
-Covered now: VGG-style ``nn.Sequential`` stacks (torchvision layout: ``Conv2d, ReLU[, MaxPool2d(2, 2)]``).
-A ``Conv2d -> ReLU -> MaxPool2d(2, 2)`` run becomes :class:`ptfast.nn.ConvReLUPool2d` and ``Conv2d -> ReLU``
-becomes :class:`ptfast.nn.ConvReLU2d`; the ReLU / pool slots become ``nn.Identity`` so indices, parameter
-objects and state_dict keys stay what they were (old checkpoints load, optimizers keep their state).
+Covered now: VGG-style ``nn.Sequential`` stacks (torchvision layout: ``Conv2d[, BatchNorm2d], ReLU[,
+MaxPool2d(2, 2)]``). A ``Conv2d -> ReLU -> MaxPool2d(2, 2)`` run becomes :class:`ptfast.nn.ConvReLUPool2d` and
+``Conv2d -> ReLU`` becomes :class:`ptfast.nn.ConvReLU2d`; the ReLU / pool slots become ``nn.Identity`` so
+indices, parameter objects and state_dict keys stay what they were (old checkpoints load, optimizers keep their
+state). ``vgg*_bn`` runs (``Conv2d -> BatchNorm2d -> ReLU [-> MaxPool2d]``) become ``ConvBNReLU(Pool)2d``: the
+BatchNorm object stays in its slot (same keys) with an identity forward, and the fused module folds it into the
+conv on the fly whenever it would use running statistics (eval mode), and runs stock unfused math in training
+mode (see :mod:`ptfast.nn.conv`). Convert to ``SyncBatchNorm`` *before* patching: converting afterwards would
+put a normalizing module back in the BN slot and normalize twice.
 Modules that carry hooks (feature extractors tap ``relu1_2`` etc.) are left alone, as are convolutions the
 fused op does not support. Patching is idempotent.
 
@@ -23,7 +28,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ptfast.nn.conv import ConvReLU2d, ConvReLUPool2d, unsupported_reason
+from ptfast.nn.conv import (
+    ConvBNReLU2d,
+    ConvBNReLUPool2d,
+    ConvReLU2d,
+    ConvReLUPool2d,
+    bn_unsupported_reason,
+    unsupported_reason,
+)
 
 log = logging.getLogger("ptfast")
 
@@ -69,37 +81,55 @@ def _is_pool2x2(m: nn.Module) -> bool:
 
 
 def _patch_sequential(seq: nn.Sequential, prefix: str, report: PatchReport) -> None:
+    """Fuse each ``Conv2d [-> BatchNorm2d] -> ReLU [-> MaxPool2d(2, 2)]`` run of ``seq`` in place."""
     children = list(seq._modules.items())
+    n = len(children)
     i = 0
-    while i < len(children):
+    while i < n:
         name, conv = children[i]
-        if type(conv) is not nn.Conv2d or i + 1 >= len(children):
+        if type(conv) is not nn.Conv2d:
             i += 1
             continue
-        relu_name, relu = children[i + 1]
-        if type(relu) is not nn.ReLU:
+        j = i + 1
+        # Any BatchNorm is taken as the run's BN slot so that an unsupported one (a subclass, SyncBatchNorm) is
+        # reported as skipped with its reason instead of silently ending the run.
+        is_bn = j < n and isinstance(children[j][1], nn.modules.batchnorm._BatchNorm)
+        bn_name, bn = children[j] if is_bn else (None, None)
+        if bn is not None:
+            j += 1
+        if j >= n or type(children[j][1]) is not nn.ReLU:
             i += 1
             continue
+        relu_name, relu = children[j]
         where = f"{prefix}{name}"
+        kind = "Conv2d+BatchNorm2d+ReLU" if bn is not None else "Conv2d+ReLU"
         reason = unsupported_reason(conv)
+        if reason is None and bn is not None:
+            reason = bn_unsupported_reason(conv, bn)
         if reason is None and (_has_hooks(conv) or _has_hooks(relu)):
             reason = "a hook is registered on the conv or its ReLU"
+        if reason is None and bn is not None and _has_hooks(bn):
+            reason = "a hook is registered on the BatchNorm2d"
         if reason is not None:
-            report.skipped.append(f"{where} (Conv2d+ReLU): {reason}")
-            i += 2
+            report.skipped.append(f"{where} ({kind}): {reason}")
+            i = j + 1
             continue
-        pool_name, pool = children[i + 2] if i + 2 < len(children) else (None, None)
-        if pool is not None and _is_pool2x2(pool):
-            seq._modules[name] = ConvReLUPool2d.from_conv(conv)
-            seq._modules[relu_name] = nn.Identity()
-            seq._modules[pool_name] = nn.Identity()
-            report.replaced.append(f"{where}: Conv2d+ReLU+MaxPool2d -> ConvReLUPool2d")
-            i += 3
+        pool_name, pool = children[j + 1] if j + 1 < n else (None, None)
+        with_pool = pool is not None and _is_pool2x2(pool)
+        if bn is None:
+            cls = ConvReLUPool2d if with_pool else ConvReLU2d
+            seq._modules[name] = cls.from_conv(conv)
+            note = ""
         else:
-            seq._modules[name] = ConvReLU2d.from_conv(conv)
-            seq._modules[relu_name] = nn.Identity()
-            report.replaced.append(f"{where}: Conv2d+ReLU -> ConvReLU2d")
-            i += 2
+            cls = ConvBNReLUPool2d if with_pool else ConvBNReLU2d
+            # The BN object stays in its slot (keys and Parameter objects unchanged) with an identity forward.
+            seq._modules[name] = cls.from_conv_bn(conv, bn)
+            note = " (folded BatchNorm on the fly in eval mode; stock unfused math in training mode)"
+        seq._modules[relu_name] = nn.Identity()
+        if with_pool:
+            seq._modules[pool_name] = nn.Identity()
+        report.replaced.append(f"{where}: {kind}{'+MaxPool2d' if with_pool else ''} -> {cls.__name__}{note}")
+        i = j + 2 if with_pool else j + 1
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -1,9 +1,11 @@
-"""GPU tests of the cuda and triton conv_relu backends (cuDNN conv + fused in-place bias+ReLU kernel).
+"""GPU tests of the cuda and triton conv_relu(_pool) backends (cuDNN conv + a fused epilogue kernel).
 
 * ``conv_relu`` through the public API with an explicit backend, forward and all gradients, bf16/fp16/fp32,
   NCHW and channels_last, with and without bias, against a float64 reference, using the low-precision rule
   of DESIGN.md §4: ``err(ptfast) <= 2 * err(torch in the same dtype) + 1e-5``, where "torch in the same dtype"
   is ``F.relu(F.conv2d(...))`` (fp32 convolutions may use TF32 in both, as cuDNN allows by default).
+* ``conv_relu_pool`` the same way (fused bias + ReLU + 2x2 max-pool + uint8 argmax, fused backward), plus exact
+  ties against the torch backend on small-integer inputs.
 * The bias+ReLU kernels on their own: bit-exact against ``relu(y.float() + bias.float())`` rounded once to
   y's dtype (both kernels add in fp32 and round to nearest-even once), NaN propagation, grid-stride tails.
 
@@ -87,13 +89,70 @@ def test_conv_relu_backend_vs_float64(backend, dtype, channels_last, with_bias, 
         assert_rule(ours, theirs, ref, f"{backend} {name} {dtype}")
 
 
+def _conv_relu_pool_and_grads(x, weight, bias, padding: int, grad):
+    """(out, dx, dweight[, dbias]) of max_pool2d(relu(conv2d(...)), 2, 2) with PyTorch's own ops in x's dtype."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    out = F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2, 2)
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    return (out.detach(), *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_conv_relu_pool_refused(backend) -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    ("n", "cin", "cout", "h", "w", "k", "padding"),
+    [(2, 3, 5, 7, 9, 3, 1), (3, 16, 24, 15, 17, 3, 0), (2, 64, 64, 33, 31, 3, 1), (2, 3, 4, 1, 5, 1, 0)],
+)
+def test_conv_relu_pool_backend_vs_float64(backend, dtype, channels_last, with_bias, n, cin, cout, h, w, k, padding):
+    """cuDNN conv + the fused bias/ReLU/pool/argmax epilogue and its fused backward, by the low-precision rule."""
     _require(backend)
-    x = torch.randn(2, 3, 8, 8, device="cuda")
-    weight = torch.randn(4, 3, 3, 3, device="cuda")
-    with ptfast.use_backend(backend), pytest.raises(ptfast.BackendNotSupportedError, match="conv_relu_pool"):
-        ptfast.conv_relu_pool(x, weight)
+    dev = torch.device("cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(cout, device=dev).to(dtype).requires_grad_() if with_bias else None
+    inputs = [x, weight] + ([bias] if with_bias else [])
+    with ptfast.use_backend(backend), record_dispatch() as events:
+        out = ptfast.conv_relu_pool(x, weight, bias, padding=padding)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad)
+    assert_ran(events, "conv_relu_pool", backend, ("forward", "backward"))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+    bias64 = bias.double() if with_bias else None
+    oracle = _conv_relu_pool_and_grads(x.double(), weight.double(), bias64, padding, grad.double())
+    same = _conv_relu_pool_and_grads(x, weight, bias, padding, grad)
+    names = ["out", "dx", "dweight", "dbias"][: len(oracle)]
+    for name, ours, theirs, ref in zip(names, (out, *grads), same, oracle, strict=True):
+        if ref.numel() == 0 or ref.abs().max() == 0:
+            assert ours.shape == ref.shape and (ours == 0).all(), name
+            continue
+        assert_rule(ours, theirs, ref, f"{backend} pool {name} {dtype}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv_relu_pool_ties_and_argmax_match_torch_backend(backend, channels_last) -> None:
+    """Small-integer inputs make ties: the fused epilogue's output, argmax-driven gradients equal the torch
+    backend's bit for bit (first maximum in row-major order)."""
+    _require(backend)
+    dev = torch.device("cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator(device=dev).manual_seed(3)
+    x = torch.randint(-2, 3, (2, 3, 9, 11), device=dev, generator=g).float().contiguous(memory_format=fmt)
+    weight = torch.randint(-1, 2, (4, 3, 3, 3), device=dev, generator=g).float()
+    bias = torch.randint(-2, 3, (4,), device=dev, generator=g).float()
+    results = {}
+    for name in ("torch", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with ptfast.use_backend(name):
+            out = ptfast.conv_relu_pool(*leaves, padding=1)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results[name] = (out, *grads)
+    for ours, ref in zip(results[backend], results["torch"], strict=True):
+        assert torch.equal(ours, ref)
 
 
 # (shape, channels_last): inner sizes (H*W or C) below, at and above each block / warp width, short rows that

@@ -1,10 +1,20 @@
-"""conv_relu as "PyTorch's convolution (cuDNN), then an in-place bias+ReLU kernel".
+"""conv_relu(_pool) as "PyTorch's convolution (cuDNN), then one epilogue kernel".
 
-The triton and cuda backends of conv_relu both have this shape and differ only in the epilogue kernel and in
-how they probe their device. ``F.conv2d`` without bias writes the conv output once; the epilogue reads and
-writes it once more (eager PyTorch runs conv with bias, then a separate ReLU). The pooled variant has no kernel
-yet. Backward needs only the output (``out > 0`` is the ReLU mask), identical to the torch backend's, so it is
-the torch backend's backward.
+The triton and cuda backends of conv_relu both have this shape and differ only in the epilogue kernels they
+pass in and in how they probe their device. ``F.conv2d`` without bias writes the conv output once; the
+epilogue reads it once more:
+
+* ``conv_relu``: an in-place bias+ReLU kernel (``bias_relu_(z, bias)``); eager PyTorch runs conv with bias,
+  then a separate ReLU. Backward needs only the output (``out > 0`` is the ReLU mask), identical to the torch
+  backend's, so it is the torch backend's backward.
+* ``conv_relu_pool``: one kernel for bias + ReLU + 2x2 max-pool + a uint8 argmax
+  (``bias_relu_pool(z, bias, need_argmax) -> (out, argmax)``), instead of eager's bias, ReLU and pool
+  kernels with int64 indices. Backward: one kernel rebuilds the conv-output gradient (and the bias gradient)
+  from (grad, out, argmax) (``pool_relu_backward(grad, out, argmax, conv_hw, need_dbias) -> (g, dbias)``),
+  then cuDNN's ``convolution_backward`` gives dx / dweight with its bias gradient turned off.
+
+A backend without pool kernels passes none: :func:`supports` then refuses the pooled op with
+:func:`pool_reason`.
 """
 
 from __future__ import annotations
@@ -18,16 +28,29 @@ from ptfast.backends.torch import conv as torch_conv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-backward = torch_conv.backward
+BiasReluPool = Callable[[torch.Tensor, torch.Tensor | None, bool], tuple[torch.Tensor, torch.Tensor]]
+PoolReluBackward = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], bool], tuple[torch.Tensor, torch.Tensor | None]
+]
 
 
 def pool_reason(backend: str) -> str:
     return f"{backend}: conv_relu_pool kernel not implemented yet"
 
 
-def supports(backend: str, meta: dict, device_reason: Callable[[torch.device], str | None]) -> str | None:
-    """``None`` if the epilogue path runs these inputs (``meta``: x, weight, bias, padding, pool), else why not."""
-    if meta.get("pool"):
+def supports(
+    backend: str,
+    meta: dict,
+    device_reason: Callable[[torch.device], str | None],
+    *,
+    has_pool_kernels: bool = False,
+) -> str | None:
+    """``None`` if the epilogue path runs these inputs (``meta``: x, weight, bias, padding, pool), else why not.
+
+    ``has_pool_kernels``: the backend passes ``bias_relu_pool`` / ``pool_relu_backward`` kernels to
+    :func:`forward` / :func:`backward`; without them the pooled op is refused.
+    """
+    if meta.get("pool") and not has_pool_kernels:
         return pool_reason(backend)
     x = meta.get("x")
     if not isinstance(x, torch.Tensor):
@@ -44,10 +67,61 @@ def forward(
     padding: int,
     pool: bool,
     bias_relu_: Callable[[torch.Tensor, torch.Tensor | None], object],
+    *,
+    bias_relu_pool: BiasReluPool | None = None,
+    need_argmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if pool:  # supports() refuses pool, so the dispatcher never gets here with it
-        raise NotImplementedError("conv_relu_pool has no epilogue kernel yet")
     # cuDNN picks x's layout for its output already; .contiguous() makes the layout certain (no-op then).
     z = F.conv2d(x, weight, None, padding=padding).contiguous(memory_format=torch_conv.memory_format(x))
-    bias_relu_(z, bias.contiguous() if bias is not None else None)
+    bias = bias.contiguous() if bias is not None else None
+    if pool:
+        if bias_relu_pool is None:  # supports() refuses pool without the kernels: the dispatcher never gets here
+            raise NotImplementedError("conv_relu_pool: this backend passed no pool epilogue kernel")
+        out, argmax = bias_relu_pool(z, bias, need_argmax)
+        return out, argmax if need_argmax else x.new_empty(0, dtype=torch.uint8)
+    bias_relu_(z, bias)
     return z, x.new_empty(0, dtype=torch.uint8)
+
+
+def backward(
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    argmax: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: list[int],
+    padding: int,
+    pool: bool,
+    needs: tuple[bool, bool, bool],
+    *,
+    pool_relu_backward: PoolReluBackward | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias) like :func:`ptfast.backends.torch.conv.backward`; pooled ops use the fused kernel.
+
+    Without ``pool_relu_backward`` (or without pooling) this is the torch backend's backward.
+    """
+    if not pool or pool_relu_backward is None:
+        return torch_conv.backward(grad, out, argmax, x, weight, x_shape, padding, pool, needs)
+    need_dx, need_dw, need_db = needs
+    kh, kw = weight.shape[2], weight.shape[3]
+    conv_hw = (x_shape[2] + 2 * padding - kh + 1, x_shape[3] + 2 * padding - kw + 1)
+    g, dbias = pool_relu_backward(grad.to(out.dtype), out, argmax, conv_hw, need_db)
+    dx = dw = None
+    if need_dx or need_dw:
+        if x is None:  # only the shape is read when dweight is not needed
+            x = g.new_empty(1).expand(x_shape)
+        # The bias gradient came from the kernel (at pooled resolution): cuDNN computes only dx / dweight.
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            g.to(weight.dtype),
+            x,
+            weight,
+            None,
+            [1, 1],
+            [padding, padding],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [need_dx, need_dw, False],
+        )
+    return dx, dw, dbias.to(weight.dtype) if dbias is not None else None

@@ -63,13 +63,6 @@ def test_conv_relu_triton_matches_float64(dtype, channels_last, with_bias, k, pa
             assert_rule(ours, theirs, ref, f"{name} {dtype}")
 
 
-def test_conv_relu_pool_refused_by_triton() -> None:
-    x = torch.randn(N, CIN, H, W)
-    w = torch.randn(COUT, CIN, 3, 3)
-    with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="conv_relu_pool"):
-        ptfast.conv_relu_pool(x, w, padding=1)
-
-
 @pytest.mark.parametrize(("dtype", "match"), [(torch.float64, "float64"), (torch.bfloat16, "bfloat16")])
 def test_conv_relu_dtype_refused_by_triton(dtype, match) -> None:
     # bf16: the interpreter rounds fp32 -> bf16 toward zero, so the backend refuses it on CPU tensors.

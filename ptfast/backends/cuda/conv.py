@@ -1,6 +1,10 @@
-"""conv + bias + ReLU on the CUDA backend: cuDNN convolution, then ``csrc/bias_relu`` in place.
+"""conv + bias + ReLU (+ 2x2 max-pool) on the CUDA backend: cuDNN convolution, then one ``csrc/`` epilogue kernel.
 
-The shared shape of this path (and the refusal of the pooled variant) is in :mod:`ptfast.backends.conv_epilogue`.
+``conv_relu``: ``csrc/bias_relu`` in place. ``conv_relu_pool``: ``csrc/bias_relu_pool``, one kernel for bias +
+ReLU + max-pool + a uint8 argmax, and its backward kernel that rebuilds the conv-output gradient (and sums the
+bias gradient at pooled resolution, in a fixed order) from (grad, pooled output, argmax): no full-resolution
+activation and no int64 indices are saved. The shared shape of this path is in
+:mod:`ptfast.backends.conv_epilogue`.
 """
 
 from __future__ import annotations
@@ -11,11 +15,6 @@ from ptfast._dispatch import constant_while_compiling
 from ptfast.backends import conv_epilogue
 from ptfast.backends import cuda as cuda_backend
 
-# Ops this backend module is registered for but has no kernel for yet (read by ptfast.env_report).
-NOT_IMPLEMENTED: dict[str, str] = {"conv_relu_pool": conv_epilogue.pool_reason("cuda")}
-
-backward = conv_epilogue.backward
-
 
 # supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
 @constant_while_compiling
@@ -25,7 +24,23 @@ def _device_reason(device: torch.device) -> str | None:
 
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, padding, pool)."""
-    return conv_epilogue.supports("cuda", meta, _device_reason)
+    return conv_epilogue.supports("cuda", meta, _device_reason, has_pool_kernels=True)
+
+
+def _ext():
+    ext = cuda_backend.extension()
+    if ext is None:
+        raise RuntimeError(cuda_backend.extension_reason())
+    return ext
+
+
+def _bias_relu_pool(z: torch.Tensor, bias: torch.Tensor | None, need_argmax: bool):
+    return _ext().bias_relu_pool(z, bias, need_argmax)
+
+
+def _pool_relu_backward(grad, out, argmax, conv_hw: tuple[int, int], need_dbias: bool):
+    g, dbias = _ext().pool_relu_backward(grad, out, argmax, conv_hw[0], conv_hw[1], need_dbias)
+    return g, dbias if need_dbias else None
 
 
 def forward(
@@ -36,7 +51,22 @@ def forward(
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ext = cuda_backend.extension()
-    if ext is None:
-        raise RuntimeError(cuda_backend.extension_reason())
-    return conv_epilogue.forward(x, weight, bias, padding, pool, ext.bias_relu_)
+    return conv_epilogue.forward(
+        x, weight, bias, padding, pool, _ext().bias_relu_, bias_relu_pool=_bias_relu_pool, need_argmax=need_argmax
+    )
+
+
+def backward(
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    argmax: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: list[int],
+    padding: int,
+    pool: bool,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    return conv_epilogue.backward(
+        grad, out, argmax, x, weight, x_shape, padding, pool, needs, pool_relu_backward=_pool_relu_backward
+    )

@@ -44,6 +44,7 @@ from typing import Any
 # Every module that registers Triton kernel configurations (imported by load_all / the CLI).
 KERNEL_MODULES: tuple[str, ...] = (
     "ptfast.backends.triton.bias_relu",
+    "ptfast.backends.triton.bias_relu_pool",
     "ptfast.backends.triton.attention_kernels",
     "ptfast.backends.triton.masked_lm_loss_kernels",
 )

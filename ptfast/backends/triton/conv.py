@@ -1,8 +1,10 @@
-"""conv + bias + ReLU on the Triton backend: cuDNN convolution, then the Triton bias+ReLU kernel in place.
+"""conv + bias + ReLU (+ 2x2 max-pool) on the Triton backend: cuDNN convolution, then one Triton epilogue kernel.
 
-The Triton kernel (:mod:`.bias_relu`) is imported only when this backend actually runs, so ``import ptfast``
-never imports triton. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors (the test suite's interpreter
-tier). The shared shape of this path is in :mod:`ptfast.backends.conv_epilogue`.
+``conv_relu``: the in-place bias+ReLU kernel (:mod:`.bias_relu`). ``conv_relu_pool``: the fused
+bias+ReLU+max-pool+argmax kernel and its fused backward (:mod:`.bias_relu_pool`). The Triton kernels are
+imported only when this backend actually runs, so ``import ptfast`` never imports triton. Under
+``TRITON_INTERPRET=1`` they also run on CPU tensors (the test suite's interpreter tier). The shared shape of
+this path is in :mod:`ptfast.backends.conv_epilogue`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from ptfast._dispatch import constant_while_compiling
 from ptfast.backends import conv_epilogue
 from ptfast.backends import triton as triton_backend
 
-# Ops this backend module is registered for but has no kernel for yet (read by ptfast.env_report).
-NOT_IMPLEMENTED: dict[str, str] = {"conv_relu_pool": conv_epilogue.pool_reason("triton")}
-
-backward = conv_epilogue.backward
+# Ops this backend module is registered for but has no kernel for yet (read by ptfast.env_report): none.
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 # supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
@@ -27,7 +27,7 @@ def _device_reason(device: torch.device) -> str | None:
 
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, padding, pool)."""
-    reason = conv_epilogue.supports("triton", meta, _device_reason)
+    reason = conv_epilogue.supports("triton", meta, _device_reason, has_pool_kernels=True)
     x = meta.get("x")
     if reason is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
         # The interpreter (triton 3.9) converts fp32 -> bf16 by truncation, not round-to-nearest-even.
@@ -43,6 +43,30 @@ def forward(
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from ptfast.backends.triton.bias_relu import bias_relu_  # imports triton: only when this backend runs
+    # These import triton: only when this backend runs.
+    from ptfast.backends.triton.bias_relu import bias_relu_
+    from ptfast.backends.triton.bias_relu_pool import bias_relu_pool
 
-    return conv_epilogue.forward(x, weight, bias, padding, pool, bias_relu_)
+    return conv_epilogue.forward(
+        x, weight, bias, padding, pool, bias_relu_, bias_relu_pool=bias_relu_pool, need_argmax=need_argmax
+    )
+
+
+def backward(
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    argmax: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    x_shape: list[int],
+    padding: int,
+    pool: bool,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias); with pooling the conv-output and bias gradients come from the fused kernel."""
+    pool_relu_backward = None
+    if pool:
+        from ptfast.backends.triton.bias_relu_pool import pool_relu_backward  # imports triton
+    return conv_epilogue.backward(
+        grad, out, argmax, x, weight, x_shape, padding, pool, needs, pool_relu_backward=pool_relu_backward
+    )
