@@ -6,11 +6,14 @@ Triton kernels run on CUDA tensors of compute capability 8.0 or newer, or on CPU
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 
 import torch
+
+from ptfast._dispatch import constant_while_compiling
 
 MIN_CAPABILITY = (8, 0)
 
@@ -65,3 +68,23 @@ def usable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "triton: no CUDA GPU visible (and TRITON_INTERPRET is not set)"
     return _capability_reason(torch.cuda.current_device())
+
+
+@constant_while_compiling
+def device_reason_while_compiling(device: torch.device) -> str | None:
+    """:func:`device_reason` for the backends' ``supports()``, which run inside torch.compile's trace: probed once
+    while tracing and baked into the graph."""
+    return device_reason(device)
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s for the launch (nothing to do on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``tl.dot``'s ``input_precision``: fp32 follows PyTorch's matmul setting (tf32 only when it allows it);
+    for half types the argument is moot."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"

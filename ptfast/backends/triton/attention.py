@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ptfast._dispatch import constant_while_compiling
 from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import attention_config
 
@@ -28,15 +27,9 @@ SAVES_LSE = True
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
-@constant_while_compiling
-def _device_reason(device: torch.device) -> str | None:
-    return triton_backend.device_reason(device)
-
-
 def tensor_reason(q: Tensor) -> str | None:
     """Why the Triton attention kernels refuse q/k/v like ``q`` (``None`` if they accept them)."""
-    reason = _device_reason(q.device)
+    reason = triton_backend.device_reason_while_compiling(q.device)
     if reason is not None:
         return reason
     if q.dtype not in SUPPORTED_DTYPES:

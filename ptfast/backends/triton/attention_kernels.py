@@ -74,14 +74,18 @@ def _keep(row_keys, offs_k, drop_threshold, KEYS_ON_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _seq_range(CU, b, total):
-    """(first row, length) of sequence ``b`` in a packed tensor, clamped into ``[0, total]`` so that bad
-    ``cu_seqlens`` values (when value checks are off) can never make a kernel read or write out of bounds."""
-    start = tl.load(CU + b)
-    end = tl.load(CU + b + 1)
-    start = tl.minimum(tl.maximum(start, 0), total)
-    end = tl.minimum(tl.maximum(end, start), total)
-    return start, end - start
+def _seq_range(CU, b, total, IS_VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``b``: ``(0, total)`` for padded tensors; for packed ones read from
+    ``cu_seqlens`` and clamped into ``[0, total]`` so that bad values (when value checks are off) can never make a
+    kernel read or write out of bounds."""
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        end = tl.load(CU + b + 1)
+        start = tl.minimum(tl.maximum(start, 0), total)
+        end = tl.minimum(tl.maximum(end, start), total)
+        return start, end - start
+    else:
+        return b * 0, total + b * 0
 
 
 @triton.jit
@@ -284,14 +288,8 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:  # len_q / len_k are the packed totals
-        q_start, q_len = _seq_range(CU_Q, b, len_q)
-        k_start, k_len = _seq_range(CU_K, b, len_k)
-    else:
-        q_start = b * 0
-        k_start = b * 0
-        q_len = len_q
-        k_len = len_k
+    q_start, q_len = _seq_range(CU_Q, b, len_q, IS_VARLEN)  # packed: len_q / len_k are the totals
+    k_start, k_len = _seq_range(CU_K, b, len_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:  # packed: this sequence is shorter than max_seqlen_q
         return
@@ -387,11 +385,7 @@ def _attn_bwd_delta(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        q_start, q_len = _seq_range(CU_Q, b, len_q)
-    else:
-        q_start = b * 0
-        q_len = len_q
+    q_start, q_len = _seq_range(CU_Q, b, len_q, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -483,14 +477,8 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        q_start, q_len = _seq_range(CU_Q, b, len_q)
-        k_start, k_len = _seq_range(CU_K, b, len_k)
-    else:
-        q_start = b * 0
-        k_start = b * 0
-        q_len = len_q
-        k_len = len_k
+    q_start, q_len = _seq_range(CU_Q, b, len_q, IS_VARLEN)  # packed: len_q / len_k are the totals
+    k_start, k_len = _seq_range(CU_K, b, len_k, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
@@ -632,14 +620,8 @@ def _attn_bwd_dq(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if IS_VARLEN:
-        q_start, q_len = _seq_range(CU_Q, b, len_q)
-        k_start, k_len = _seq_range(CU_K, b, len_k)
-    else:
-        q_start = b * 0
-        k_start = b * 0
-        q_len = len_q
-        k_len = len_k
+    q_start, q_len = _seq_range(CU_Q, b, len_q, IS_VARLEN)  # packed: len_q / len_k are the totals
+    k_start, k_len = _seq_range(CU_K, b, len_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return

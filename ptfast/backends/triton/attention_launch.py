@@ -8,7 +8,6 @@ from shapes and Python ints, never from tensor values, so nothing here synchroni
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import triton
 from torch import Tensor
 
 from ptfast import _dropout
+from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import attention_config
 from ptfast.backends.triton.attention_kernels import (
     DELTA_BLOCK_M,
@@ -58,13 +58,6 @@ class Layout:
         return like.new_empty(shape, dtype=torch.float32)
 
 
-def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    # fp32 follows PyTorch's matmul setting (tf32 only when allowed); for half types the argument is moot.
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _mask_args(mask: Tensor | None, q: Tensor) -> tuple[Tensor, tuple[int, int, int, int], int]:
     """(pointer tensor, (b, h, m, n) strides with 0 on broadcast dims, MASK_KIND)."""
     if mask is None:
@@ -83,11 +76,6 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
     if dropout_p <= 0:
         return 0, 1.0
     return _dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p)
-
-
-def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
-    # Triton launches on the current CUDA device: make it the tensors'.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def forward(
@@ -116,7 +104,7 @@ def forward(
     km_t, km_strides = _key_mask_args(key_mask, q)
     threshold, drop_scale = _dropout_args(dropout_p)
     grid = (triton.cdiv(layout.grid_q, blocks.block_m), layout.batch * layout.heads)
-    with _device_guard(q):
+    with triton_backend.device_guard(q):
         _attn_fwd[grid](
             q, k, v, out, lse, mask_t, km_t, seed if seed is not None else q,
             layout.cu_q if layout.cu_q is not None else q, layout.cu_k if layout.cu_k is not None else q,
@@ -125,8 +113,9 @@ def forward(
             layout.heads, layout.len_q, layout.len_k, head_dim, scale * LOG2E, threshold, drop_scale,
             MASK_KIND=mask_kind, HAS_KEY_MASK=key_mask is not None, CAUSAL=is_causal, DROPOUT=dropout_p > 0,
             IS_VARLEN=layout.packed, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-            BLOCK_D=attention_config.padded_head_dim(head_dim), PRECISION=_precision(q.dtype, q.device),
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            BLOCK_D=attention_config.padded_head_dim(head_dim),
+            PRECISION=triton_backend.dot_precision(q.dtype, q.device), num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
         )  # fmt: skip
     return lse
 
@@ -169,14 +158,14 @@ def backward(
     dq_buf = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else dq
     features = dict(
         MASK_KIND=mask_kind, HAS_KEY_MASK=key_mask is not None, CAUSAL=is_causal, DROPOUT=dropout_p > 0,
-        IS_VARLEN=layout.packed, BLOCK_D=block_d, PRECISION=_precision(q.dtype, q.device),
+        IS_VARLEN=layout.packed, BLOCK_D=block_d, PRECISION=triton_backend.dot_precision(q.dtype, q.device),
     )  # fmt: skip
     common = (
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(grad),
         *layout.lse_strides(lse), *mask_strides, *km_strides, *layout.strides(dq_buf), *layout.strides(dk),
         layout.heads, layout.len_q, layout.len_k, head_dim, scale * LOG2E, scale, threshold, drop_scale,
     )  # fmt: skip
-    with _device_guard(q):
+    with triton_backend.device_guard(q):
         _attn_bwd_delta[(triton.cdiv(layout.grid_q, DELTA_BLOCK_M), bh)](
             out, grad, delta, cu_q, *layout.strides(out), *layout.strides(grad), *layout.lse_strides(lse),
             layout.heads, layout.len_q, head_dim,

@@ -16,13 +16,13 @@ Offsets are int64: tensors may exceed 2^31 elements.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import torch
 import triton
 import triton.language as tl
 
+from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import compile_targets
 
 
@@ -132,8 +132,7 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y
     block_r, block_c, num_warps = pick_config(inner)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_c),)
-    # Triton launches on the current CUDA device: make it y's.
-    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+    with triton_backend.device_guard(y):
         _bias_relu_kernel[grid](
             y,
             bias if bias is not None else y,  # never read when HAS_BIAS is False

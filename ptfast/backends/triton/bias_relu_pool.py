@@ -31,13 +31,13 @@ Offsets are int64: tensors may exceed 2^31 elements.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import torch
 import triton
 import triton.language as tl
 
+from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import compile_targets
 
 
@@ -285,11 +285,6 @@ def _is_channels_last(t: torch.Tensor, what: str) -> bool:
     raise ValueError(f"{what} must be contiguous in NCHW or channels_last, got strides {t.stride()}")
 
 
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device: make it t's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def bias_relu_pool(z: torch.Tensor, bias: torch.Tensor | None, need_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, argmax)``: ``max_pool2d(relu(z + bias[c]), 2, 2)`` and the uint8 window offset of each maximum.
 
@@ -319,7 +314,7 @@ def bias_relu_pool(z: torch.Tensor, bias: torch.Tensor | None, need_argmax: bool
     rows, inner = (n * ho * wo, c) if channels_last else (n * c * ho, wo)
     block_r, block_c, num_warps = pick_config(inner)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_c),)
-    with _device_guard(z):
+    with triton_backend.device_guard(z):
         _bias_relu_pool_kernel[grid](
             z,
             bias if bias is not None else z,  # never read when HAS_BIAS is False
@@ -385,7 +380,7 @@ def pool_relu_backward(
         part_shape = (row_tiles * block_r * col_tiles,) if not channels_last else (row_tiles, c)
         part = torch.empty(part_shape, dtype=torch.float32, device=grad.device)
     if g.numel() > 0:
-        with _device_guard(grad):
+        with triton_backend.device_guard(grad):
             _pool_relu_backward_kernel[(row_tiles * col_tiles,)](
                 grad,
                 out,

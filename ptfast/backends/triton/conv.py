@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ptfast._dispatch import constant_while_compiling
 from ptfast.backends import conv_epilogue
 from ptfast.backends import triton as triton_backend
 
@@ -19,15 +18,9 @@ from ptfast.backends import triton as triton_backend
 NOT_IMPLEMENTED: dict[str, str] = {}
 
 
-# supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
-@constant_while_compiling
-def _device_reason(device: torch.device) -> str | None:
-    return triton_backend.device_reason(device)
-
-
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, padding, pool)."""
-    reason = conv_epilogue.supports("triton", meta, _device_reason, has_pool_kernels=True)
+    reason = conv_epilogue.supports("triton", meta, triton_backend.device_reason_while_compiling, has_pool_kernels=True)
     x = meta.get("x")
     if reason is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
         # The interpreter (triton 3.9) converts fp32 -> bf16 by truncation, not round-to-nearest-even.

@@ -16,28 +16,21 @@ instead, which recompute the logit tiles once more (5 GEMMs) and are bitwise rep
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
 import torch
 from torch import Tensor
 
-from ptfast._dispatch import constant_while_compiling
 from ptfast.backends import triton as triton_backend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@constant_while_compiling
-def _device_reason(device: torch.device) -> str | None:
-    return triton_backend.device_reason(device)
-
-
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs (``meta``: hidden, weight, labels, bias, ...), else why not."""
     hidden = meta["hidden"]
-    reason = _device_reason(hidden.device)
+    reason = triton_backend.device_reason_while_compiling(hidden.device)
     if reason is not None:
         return reason
     if hidden.dtype not in SUPPORTED_DTYPES:
@@ -66,12 +59,6 @@ def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, in
     return k.GPU_BLOCKS[4 if dtype == torch.float32 else 2]
 
 
-def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
     """(row order with the valid rows first, int32 ``(N,)``; their count, int32 ``(1,)``; the bool validity
     ``(N,)``), all on the device.
@@ -82,10 +69,6 @@ def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Ten
     valid = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
     order = torch.argsort((~valid).to(torch.uint8), stable=True).to(torch.int32)
     return order, valid.sum(dtype=torch.int32).reshape(1), valid
-
-
-def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def forward(
@@ -105,12 +88,13 @@ def forward(
     tiles_per_split = -(-v_tiles // _splits(hidden.device, row_tiles, v_tiles))
     splits = -(-v_tiles // tiles_per_split)  # no empty split
     part = torch.empty((4, splits, n_rows), dtype=torch.float32, device=hidden.device)
-    with _device_guard(hidden):
+    with triton_backend.device_guard(hidden):
         _mlm_fwd[(row_tiles, splits)](
             hidden, weight, bias if bias is not None else part, labels, order, count, part,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), part.stride(0), part.stride(1),
             vocab, hidden.shape[1], tiles_per_split * bv, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv,
-            BLOCK_K=bk, PRECISION=_precision(hidden.dtype, hidden.device), num_warps=warps, num_stages=stages,
+            BLOCK_K=bk, PRECISION=triton_backend.dot_precision(hidden.dtype, hidden.device), num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
     # Combine the splits: lse = logsumexp over splits of (max + log(sum)); rows never written (ignored) -> 0.
     m, s, z_target, z_sum = part[0], part[1], part[2].sum(0), part[3].sum(0)
@@ -177,11 +161,11 @@ def backward(
         strides = (grad.stride(0), hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
         sizes = (vocab, embed, float(label_smoothing))
         meta = dict(
-            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, PRECISION=_precision(hidden.dtype, dev),
-            num_warps=warps, num_stages=stages,
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+            PRECISION=triton_backend.dot_precision(hidden.dtype, dev), num_warps=warps, num_stages=stages,
         )  # fmt: skip
         row_tiles, v_tiles = -(-n_rows // bm), -(-vocab // bv)
-        with _device_guard(hidden):
+        with triton_backend.device_guard(hidden):
             if deterministic_backward():
                 if need_dh:
                     _mlm_bwd_dh_deterministic[(row_tiles,)](*head, dh, *strides, *sizes, **meta)

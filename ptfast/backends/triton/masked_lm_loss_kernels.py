@@ -175,6 +175,19 @@ def _dlogits(
 
 
 @triton.jit
+def _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M: tl.constexpr):
+    """(rows, in-range mask, target, lse, incoming gradient) of the compacted valid rows ``m0 .. m0 + BLOCK_M``."""
+    count = tl.load(COUNT)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
+    target = tl.load(LABELS + rows, mask=m_ok, other=0)
+    lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
+    g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
+    return rows, m_ok, target, lse, g
+
+
+@triton.jit
 def _mlm_bwd(
     GRAD,
     H,
@@ -206,15 +219,9 @@ def _mlm_bwd(
 ):
     """DH ``(N, E)``, DW ``(V, E)`` (both contiguous) and DB ``(V,)`` are fp32 accumulators."""
     m0 = tl.program_id(0) * BLOCK_M
-    count = tl.load(COUNT)
-    if m0 >= count:
+    if m0 >= tl.load(COUNT):
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < count
-    rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
-    target = tl.load(LABELS + rows, mask=m_ok, other=0)
-    lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
-    g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
+    rows, m_ok, target, lse, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < V
     dz = _dlogits(
@@ -245,18 +252,6 @@ def _mlm_bwd(
             tl.atomic_add(
                 DW + offs_v.to(tl.int64)[:, None] * E + offs_k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :]
             )
-
-
-@triton.jit
-def _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M: tl.constexpr):
-    count = tl.load(COUNT)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < count
-    rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
-    target = tl.load(LABELS + rows, mask=m_ok, other=0)
-    lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
-    g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
-    return rows, m_ok, target, lse, g
 
 
 @triton.jit
