@@ -47,11 +47,14 @@ def _bias_relu_kernel(backend: str):
     return bias_relu_
 
 
-def _conv_relu_and_grads(x, weight, bias, padding: int, grad):
-    """(out, dx, dweight[, dbias]) of relu(conv2d(x, weight, bias)) with PyTorch's own ops in x's dtype."""
+def _conv_relu_and_grads(x, weight, bias, padding: int, grad, pool: bool = False):
+    """(out, dx, dweight[, dbias]) of relu(conv2d(x, weight, bias)) (then max_pool2d(2, 2) with ``pool``) with
+    PyTorch's own ops in x's dtype."""
     x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
     bias = bias.detach().requires_grad_() if bias is not None else None
     out = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    if pool:
+        out = F.max_pool2d(out, 2, 2)
     inputs = [x, weight] + ([bias] if bias is not None else [])
     return (out.detach(), *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
 
@@ -89,15 +92,6 @@ def test_conv_relu_backend_vs_float64(backend, dtype, channels_last, with_bias, 
         assert_rule(ours, theirs, ref, f"{backend} {name} {dtype}")
 
 
-def _conv_relu_pool_and_grads(x, weight, bias, padding: int, grad):
-    """(out, dx, dweight[, dbias]) of max_pool2d(relu(conv2d(...)), 2, 2) with PyTorch's own ops in x's dtype."""
-    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
-    bias = bias.detach().requires_grad_() if bias is not None else None
-    out = F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2, 2)
-    inputs = [x, weight] + ([bias] if bias is not None else [])
-    return (out.detach(), *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
-
-
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -122,8 +116,8 @@ def test_conv_relu_pool_backend_vs_float64(backend, dtype, channels_last, with_b
     assert_ran(events, "conv_relu_pool", backend, ("forward", "backward"))
     assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
     bias64 = bias.double() if with_bias else None
-    oracle = _conv_relu_pool_and_grads(x.double(), weight.double(), bias64, padding, grad.double())
-    same = _conv_relu_pool_and_grads(x, weight, bias, padding, grad)
+    oracle = _conv_relu_and_grads(x.double(), weight.double(), bias64, padding, grad.double(), pool=True)
+    same = _conv_relu_and_grads(x, weight, bias, padding, grad, pool=True)
     names = ["out", "dx", "dweight", "dbias"][: len(oracle)]
     for name, ours, theirs, ref in zip(names, (out, *grads), same, oracle, strict=True):
         if ref.numel() == 0 or ref.abs().max() == 0:
