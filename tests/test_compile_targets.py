@@ -82,8 +82,9 @@ def test_triton_configs_compile_for_their_targets() -> None:
     assert any(n.startswith("bias_relu[") for n in names)
     for kernel in ("attention_fwd[", "attention_bwd_dkdv[", "attention_bwd_dq[", "attention_bwd_delta["):
         assert any(n.startswith(kernel) for n in names), kernel
-    for arch in ARCHS:  # every GPU class has its attention table entries
+    for arch in ARCHS:  # every GPU class has its attention and implicit-GEMM conv table entries
         assert any(a == arch and n.startswith("attention_fwd[") for a, n in expected), arch
+        assert any(a == arch and n.startswith("conv_gemm_fwd[") for a, n in expected), arch
 
     proc = _run(["-m", "ptfast.backends.triton.compile_targets", "--arch", *ARCHS], timeout=2400)
     out = proc.stdout + proc.stderr

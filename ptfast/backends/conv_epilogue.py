@@ -32,6 +32,7 @@ BiasReluPool = Callable[[torch.Tensor, torch.Tensor | None, bool], tuple[torch.T
 PoolReluBackward = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], bool], tuple[torch.Tensor, torch.Tensor | None]
 ]
+Dgrad = Callable[[torch.Tensor, torch.Tensor, list[int], int, torch.memory_format], torch.Tensor]
 
 
 def pool_reason(backend: str) -> str:
@@ -95,33 +96,47 @@ def backward(
     needs: tuple[bool, bool, bool],
     *,
     pool_relu_backward: PoolReluBackward | None = None,
+    dgrad: Dgrad | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias) like :func:`ptfast.backends.torch.conv.backward`; pooled ops use the fused kernel.
 
-    Without ``pool_relu_backward`` (or without pooling) this is the torch backend's backward.
+    ``dgrad(g, weight, x_shape, padding, memory_format) -> dx``: computes the input gradient instead of cuDNN
+    (in the output's memory format, i.e. x's; the weight gradient is always cuDNN's). Without either kernel
+    this is the torch backend's backward.
     """
-    if not pool or pool_relu_backward is None:
+    if (not pool or pool_relu_backward is None) and dgrad is None:
         return torch_conv.backward(grad, out, argmax, x, weight, x_shape, padding, pool, needs)
     need_dx, need_dw, need_db = needs
     kh, kw = weight.shape[2], weight.shape[3]
     conv_hw = (x_shape[2] + 2 * padding - kh + 1, x_shape[3] + 2 * padding - kw + 1)
-    g, dbias = pool_relu_backward(grad.to(out.dtype), out, argmax, conv_hw, need_db)
+    if pool and pool_relu_backward is not None:
+        g, dbias = pool_relu_backward(grad.to(out.dtype), out, argmax, conv_hw, need_db)
+        dbias = dbias.to(weight.dtype) if dbias is not None else None
+        cudnn_db = False  # the kernel summed it at pooled resolution
+    else:
+        g = torch_conv.conv_output_grad(grad, out, argmax, conv_hw, pool)
+        dbias, cudnn_db = None, need_db
+    g = g.to(weight.dtype)
     dx = dw = None
-    if need_dx or need_dw:
+    if dgrad is not None and need_dx:
+        dx = dgrad(g, weight, x_shape, padding, torch_conv.memory_format(out))
+        need_dx = False
+    if need_dx or need_dw or cudnn_db:
         if x is None:  # only the shape is read when dweight is not needed
             x = g.new_empty(1).expand(x_shape)
-        # The bias gradient came from the kernel (at pooled resolution): cuDNN computes only dx / dweight.
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            g.to(weight.dtype),
+        cudnn_dx, dw, cudnn_dbias = torch.ops.aten.convolution_backward(
+            g,
             x,
             weight,
-            None,
+            [weight.shape[0]] if cudnn_db else None,
             [1, 1],
             [padding, padding],
             [1, 1],
             False,
             [0, 0],
             1,
-            [need_dx, need_dw, False],
+            [need_dx, need_dw, cudnn_db],
         )
-    return dx, dw, dbias.to(weight.dtype) if dbias is not None else None
+        dx = cudnn_dx if need_dx else dx
+        dbias = cudnn_dbias if cudnn_db else dbias
+    return dx, dw, dbias

@@ -16,6 +16,8 @@ import torch
 from ptfast._dispatch import constant_while_compiling
 
 MIN_CAPABILITY = (8, 0)
+# The per-GPU tables of block sizes are keyed by these shared-memory classes (see attention_config).
+GPU_CLASSES = (80, 89, 90)
 
 
 def interpreter_enabled() -> bool:
@@ -88,3 +90,41 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def conv_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """:func:`dot_precision` for convolutions, which follow cuDNN's switch (``torch.backends.cudnn.allow_tf32``,
+    on by default) as PyTorch's own fp32 convolutions do."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def gpu_class(capability: tuple[int, int], shared_memory_optin: int | None = None) -> int:
+    """The table a GPU uses: its own class for sm_80/sm_89/sm_90, else by how much shared memory it has."""
+    major, minor = capability
+    if (major, minor) == (8, 0):
+        return 80
+    if major == 9:
+        return 90
+    if major == 8:
+        return 89
+    # Newer or unknown GPUs: the largest table whose tiles fit in the device's opt-in shared memory.
+    if shared_memory_optin is not None and shared_memory_optin >= 227 * 1024:
+        return 90
+    if shared_memory_optin is not None and shared_memory_optin >= 163 * 1024:
+        return 80
+    return 89
+
+
+def device_class(device: torch.device) -> int:
+    """The GPU class (80, 89 or 90) of a CUDA device, for the per-GPU tables (cached per device index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _class_of_index(index)
+
+
+@functools.cache
+def _class_of_index(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    return gpu_class((props.major, props.minor), optin)

@@ -25,7 +25,6 @@ Hooks (process-global, not per thread: autograd runs backward on another thread)
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -33,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from ptfast.backends.triton import GPU_CLASSES, device_class, gpu_class  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ class KernelBlocks:
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_BUCKETS = (64, 128, 256)  # head dims up to 64 share a config (their tiles are smaller still)
-GPU_CLASSES = (80, 89, 90)
 
 # (bytes per element, head-dim bucket) -> configs. Forward: FlashAttention-2 style 128 x 64 tiles for half
 # types where registers allow; backward: narrow query tiles against wide key tiles for dK/dV and the reverse
@@ -101,35 +101,6 @@ def head_dim_bucket(head_dim: int) -> int:
     return next(b for b in HEAD_DIM_BUCKETS if d <= b)
 
 
-def gpu_class(capability: tuple[int, int], shared_memory_optin: int | None = None) -> int:
-    """The table a GPU uses: its own class for sm_80/sm_89/sm_90, else by how much shared memory it has."""
-    major, minor = capability
-    if (major, minor) == (8, 0):
-        return 80
-    if major == 9:
-        return 90
-    if major == 8:
-        return 89
-    # Newer or unknown GPUs: the largest table whose tiles fit in the device's opt-in shared memory.
-    if shared_memory_optin is not None and shared_memory_optin >= 227 * 1024:
-        return 90
-    if shared_memory_optin is not None and shared_memory_optin >= 163 * 1024:
-        return 80
-    return 89
-
-
-def _device_class(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _class_of_index(index)
-
-
-@functools.cache
-def _class_of_index(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    return gpu_class((props.major, props.minor), optin)
-
-
 _lock = threading.Lock()
 _forced: dict[str, Blocks | None] = {"forward": None, "backward": None}
 _atomic_dq: list[bool | None] = [None]
@@ -144,7 +115,7 @@ def blocks_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> Kerne
     """The launch configuration for inputs on ``device`` of ``dtype`` with this head dim (no host sync)."""
     if device.type == "cuda":
         key = (torch.empty((), dtype=dtype).element_size(), head_dim_bucket(head_dim))
-        base = TABLES[_device_class(device)][(min(key[0], 4), key[1])]
+        base = TABLES[device_class(device)][(min(key[0], 4), key[1])]
     else:
         base = INTERPRETER_BLOCKS
     return KernelBlocks(

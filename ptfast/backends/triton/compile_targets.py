@@ -47,6 +47,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "ptfast.backends.triton.bias_relu_pool",
     "ptfast.backends.triton.attention_kernels",
     "ptfast.backends.triton.masked_lm_loss_kernels",
+    "ptfast.backends.triton.implicit_gemm_kernels",
 )
 
 DEFAULT_ARCHS: tuple[int, ...] = (80, 89, 90)

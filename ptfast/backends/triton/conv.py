@@ -1,18 +1,30 @@
-"""conv + bias + ReLU (+ 2x2 max-pool) on the Triton backend: cuDNN convolution, then one Triton epilogue kernel.
+"""conv + bias + ReLU (+ 2x2 max-pool) on the Triton backend.
 
-``conv_relu``: the in-place bias+ReLU kernel (:mod:`.bias_relu`). ``conv_relu_pool``: the fused
-bias+ReLU+max-pool+argmax kernel and its fused backward (:mod:`.bias_relu_pool`). The Triton kernels are
-imported only when this backend actually runs, so ``import ptfast`` never imports triton. Under
-``TRITON_INTERPRET=1`` they also run on CPU tensors (the test suite's interpreter tier). The shared shape of
-this path is in :mod:`ptfast.backends.conv_epilogue`.
+Forward, per layer (:func:`ptfast.backends.triton.conv_config.algos_for`):
+
+* ``implicit_gemm`` (the default): one Triton kernel computes the convolution as an implicit GEMM with bias,
+  ReLU and, for ``conv_relu_pool``, the 2x2 max-pool and its uint8 argmax in the GEMM's epilogue
+  (:mod:`.implicit_gemm_kernels`): the full-resolution conv output is never written.
+* ``cudnn``: cuDNN's convolution, then one epilogue kernel (:mod:`.bias_relu`, :mod:`.bias_relu_pool`); the
+  shared shape of this path is :mod:`ptfast.backends.conv_epilogue`.
+
+Backward: with pooling, the fused kernel of :mod:`.bias_relu_pool` rebuilds the conv-output gradient and the
+bias gradient from (grad, pooled output, argmax); the input gradient is the Triton implicit GEMM on the flipped
+weight or cuDNN's (per layer), the weight gradient cuDNN's. Both forwards save the same (out, argmax), so
+either backward follows either forward.
+
+The Triton kernels are imported only when this backend actually runs, so ``import ptfast`` never imports
+triton. Under ``TRITON_INTERPRET=1`` they also run on CPU tensors (the test suite's interpreter tier).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ptfast import _dispatch
 from ptfast.backends import conv_epilogue
 from ptfast.backends import triton as triton_backend
+from ptfast.backends.triton import conv_config
 
 # Ops this backend module is registered for but has no kernel for yet (read by ptfast.env_report): none.
 NOT_IMPLEMENTED: dict[str, str] = {}
@@ -36,6 +48,13 @@ def forward(
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    algos = _algos(x.device, weight, padding, x.shape[2])
+    # Which algorithm ran, for tests (ptfast.testing.record_dispatch): phase "forward:<algo>".
+    _dispatch.record(_op(pool), "triton", f"forward:{algos.forward}")
+    if algos.forward == "implicit_gemm":
+        from ptfast.backends.triton.implicit_gemm import conv_bias_relu  # imports triton
+
+        return conv_bias_relu(x, weight, bias, padding, pool, need_argmax)
     # These import triton: only when this backend runs.
     from ptfast.backends.triton.bias_relu import bias_relu_
     from ptfast.backends.triton.bias_relu_pool import bias_relu_pool
@@ -57,9 +76,35 @@ def backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias); with pooling the conv-output and bias gradients come from the fused kernel."""
-    pool_relu_backward = None
+    pool_relu_backward = dgrad = None
     if pool:
         from ptfast.backends.triton.bias_relu_pool import pool_relu_backward  # imports triton
+    if needs[0] and _algos(grad.device, weight, padding, x_shape[2]).dgrad == "triton":
+        from ptfast.backends.triton import implicit_gemm  # imports triton
+
+        if implicit_gemm.dgrad_supported(weight.shape, padding):
+            dgrad = implicit_gemm.conv_dgrad
+    if needs[0]:
+        _dispatch.record(_op(pool), "triton", "dgrad:triton" if dgrad is not None else "dgrad:cudnn")
     return conv_epilogue.backward(
-        grad, out, argmax, x, weight, x_shape, padding, pool, needs, pool_relu_backward=pool_relu_backward
+        grad,
+        out,
+        argmax,
+        x,
+        weight,
+        x_shape,
+        padding,
+        pool,
+        needs,
+        pool_relu_backward=pool_relu_backward,
+        dgrad=dgrad,
     )
+
+
+def _op(pool: bool) -> str:
+    return "conv_relu_pool" if pool else "conv_relu"
+
+
+def _algos(device: torch.device, weight: torch.Tensor, padding: int, input_h: int) -> conv_config.Algos:
+    conv_h = input_h + 2 * padding - weight.shape[2] + 1
+    return conv_config.algos_for(device, weight.dtype, weight.shape[1], weight.shape[0], conv_h)
