@@ -16,7 +16,8 @@ METHOD_TEXT = (
     "torch.cuda.synchronize around every loop. CPU: time.perf_counter per repetition. Reported: median and "
     "p20-p80 of the repetitions. 'graph' = the same step captured in a CUDA graph and replayed (launch overhead "
     "removed), reported separately. Peak memory = torch.cuda.max_memory_allocated during one step minus what "
-    "was allocated before it (inputs, caches)."
+    "was allocated before it (inputs, caches); kept (fwd rows) = what is still allocated beyond that while the "
+    "step's output is alive: the output plus the activations autograd saved for backward."
 )
 
 
@@ -88,7 +89,10 @@ def markdown(result: dict[str, Any]) -> str:
         head = ["shape", "provider", "median ms", "p20–p80 ms", "TFLOP/s"]
         if metric == "gbps" or any(r.get("gbps") for r in ok):
             head.append("GB/s")
-        head += ["peak MiB", "speed-up", "rel. err"]
+        head += ["peak MiB"]
+        if mode == "fwd":
+            head.append("kept MiB")
+        head += ["speed-up", "rel. err"]
         if has_graph:
             head += ["graph ms", "graph TFLOP/s"]
         lines.append("| " + " | ".join(head) + " |")
@@ -105,8 +109,10 @@ def markdown(result: dict[str, Any]) -> str:
             ]
             if "GB/s" in head:
                 row.append(_fmt(r.get("gbps"), 3))
+            row.append(_mib(r.get("peak_mem_bytes")))
+            if "kept MiB" in head:
+                row.append(_mib(r.get("kept_mem_bytes")))
             row += [
-                _mib(r.get("peak_mem_bytes")),
                 _fmt(r.get("speedup_vs_baseline"), 3),
                 "–" if r.get("rel_err") is None else f"{r['rel_err']:.1e}",
             ]

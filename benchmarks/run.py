@@ -33,7 +33,7 @@ import torch
 from benchmarks import env, report
 from benchmarks.common import DEFAULT_MODES, MODES, Case, Inputs, OpSpec, Options, Provider, Skip, tensor_bytes
 from benchmarks.ops import REGISTRY, load
-from benchmarks.timing import Budget, L2Flusher, l2_cache_bytes, peak_memory, plan_rotation, time_graph, time_steps
+from benchmarks.timing import Budget, L2Flusher, l2_cache_bytes, memory_use, plan_rotation, time_graph, time_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -223,7 +223,7 @@ class Runner:
                         "reason": f"{e.__class__.__name__}: "
                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
                     }
-            rec["peak_mem_bytes"] = peak_memory(steps[0], self.opts.device)
+            rec["peak_mem_bytes"], rec["kept_mem_bytes"] = memory_use(steps[0], self.opts.device)
         except Exception as e:  # noqa: BLE001 - every failure becomes a row of the report
             status, reason = classify(e, caught)
             rec.update(status=status, reason=reason)

@@ -192,16 +192,21 @@ def time_graph(steps: Sequence[Step], device: torch.device, budget: Budget, flus
     return Timing("cuda graph replay, cuda events per replay", samples, warm, l2, steps_per_sample=k)
 
 
-def peak_memory(step: Step, device: torch.device) -> int | None:
-    """Peak bytes allocated by one step beyond what was allocated before it (inputs, caches, buffers);
-    ``None`` on CPU, where PyTorch keeps no such counter."""
+def memory_use(step: Step, device: torch.device) -> tuple[int | None, int | None]:
+    """``(peak, kept)`` bytes of one step beyond what was allocated before it (inputs, caches, buffers).
+
+    ``peak``: the most allocated at any point during the step. ``kept``: what is still allocated while the
+    step's result is alive: for a training forward (mode ``fwd``) the output plus every activation autograd
+    saved for backward. ``(None, None)`` on CPU, where PyTorch keeps no such counters.
+    """
     if device.type != "cuda":
-        return None
+        return None, None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     out = step()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
+    kept = torch.cuda.memory_allocated(device) - base
     del out
-    return int(peak)
+    return int(peak), int(kept)

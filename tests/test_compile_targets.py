@@ -85,6 +85,7 @@ def test_triton_configs_compile_for_their_targets() -> None:
     for arch in ARCHS:  # every GPU class has its attention and implicit-GEMM conv table entries
         assert any(a == arch and n.startswith("attention_fwd[") for a, n in expected), arch
         assert any(a == arch and n.startswith("conv_gemm_fwd[") for a, n in expected), arch
+        assert any(a == arch and n.startswith("conv_gemm_wgrad[") for a, n in expected), arch
 
     proc = _run(["-m", "ptfast.backends.triton.compile_targets", "--arch", *ARCHS], timeout=2400)
     out = proc.stdout + proc.stderr

@@ -1,4 +1,8 @@
-"""GPU tests of the cuda and triton conv_relu(_pool) backends (cuDNN conv + a fused epilogue kernel).
+"""GPU tests of the cuda and triton conv_relu(_pool) backends.
+
+The cuda backend is cuDNN's conv + a fused epilogue kernel; the triton backend runs each of its algorithms
+(:mod:`ptfast.backends.triton.conv_config`): the implicit-GEMM forward with the epilogue inside the GEMM (the
+default) with cuDNN's or the Triton dgrad and wgrad, and cuDNN's conv + the Triton epilogue kernel.
 
 * ``conv_relu`` through the public API with an explicit backend, forward and all gradients, bf16/fp16/fp32,
   NCHW and channels_last, with and without bias, against a float64 reference, using the low-precision rule
@@ -15,6 +19,8 @@ reason, which ``pytest -rs`` shows.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 import ptfast
 from ptfast.backends import cuda as cuda_backend
 from ptfast.backends import triton as triton_backend
+from ptfast.backends.triton import conv_config
 from ptfast.testing import record_dispatch
 from tests.helpers import assert_ran, assert_rule
 
@@ -31,7 +38,23 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DTYPE_IDS = ["bf16", "fp16", "fp32"]
 
 
+# "backend" or "backend:forward/dgrad/wgrad algorithms" (triton only).
+CONV_BACKENDS = ["cuda", "triton", "triton:implicit_gemm/triton/triton", "triton:cudnn/cudnn/cudnn"]
+
+
+def _use(spec: str):
+    """(backend name, context manager selecting it and, for triton, its algorithms)."""
+    backend, _, algos = spec.partition(":")
+    forward, dgrad, wgrad = algos.split("/") if algos else (None, None, None)
+    ctx = contextlib.ExitStack()
+    ctx.enter_context(ptfast.use_backend(backend))
+    if backend == "triton":
+        ctx.enter_context(conv_config.use_algos(forward, dgrad, wgrad))
+    return backend, ctx
+
+
 def _require(backend: str) -> None:
+    backend = backend.partition(":")[0]
     device = torch.device("cuda")
     reason = cuda_backend.unavailable_reason(device) if backend == "cuda" else triton_backend.device_reason(device)
     if reason is not None:
@@ -59,13 +82,20 @@ def _conv_relu_and_grads(x, weight, bias, padding: int, grad, pool: bool = False
     return (out.detach(), *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize(
     ("n", "cin", "cout", "h", "w", "k", "padding"),
-    [(2, 3, 5, 7, 9, 3, 1), (2, 3, 5, 7, 9, 1, 0), (3, 16, 24, 15, 17, 3, 0), (2, 64, 64, 33, 31, 3, 1)],
+    [
+        (2, 3, 5, 7, 9, 3, 1),
+        (2, 3, 5, 7, 9, 1, 0),
+        (3, 16, 24, 15, 17, 3, 0),
+        (2, 64, 64, 33, 31, 3, 1),
+        (2, 3, 64, 45, 43, 3, 1),  # VGG's first layer (flat K walk), several row tiles
+        (2, 128, 136, 13, 11, 3, 1),  # Cout over two 128-wide column tiles, a partial one
+    ],
 )
 def test_conv_relu_backend_vs_float64(backend, dtype, channels_last, with_bias, n, cin, cout, h, w, k, padding):
     _require(backend)
@@ -76,7 +106,8 @@ def test_conv_relu_backend_vs_float64(backend, dtype, channels_last, with_bias, 
     bias = torch.randn(cout, device=dev).to(dtype).requires_grad_() if with_bias else None
     inputs = [x, weight] + ([bias] if with_bias else [])
 
-    with ptfast.use_backend(backend), record_dispatch() as events:
+    backend, ctx = _use(backend)
+    with ctx, record_dispatch() as events:
         out = ptfast.conv_relu(x, weight, bias, padding=padding)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, inputs, grad)
@@ -92,16 +123,22 @@ def test_conv_relu_backend_vs_float64(backend, dtype, channels_last, with_bias, 
         assert_rule(ours, theirs, ref, f"{backend} {name} {dtype}")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize(
     ("n", "cin", "cout", "h", "w", "k", "padding"),
-    [(2, 3, 5, 7, 9, 3, 1), (3, 16, 24, 15, 17, 3, 0), (2, 64, 64, 33, 31, 3, 1), (2, 3, 4, 1, 5, 1, 0)],
+    [
+        (2, 3, 5, 7, 9, 3, 1),
+        (3, 16, 24, 15, 17, 3, 0),
+        (2, 64, 64, 33, 31, 3, 1),
+        (2, 3, 4, 1, 5, 1, 0),
+        (2, 128, 136, 13, 11, 3, 1),
+    ],
 )
 def test_conv_relu_pool_backend_vs_float64(backend, dtype, channels_last, with_bias, n, cin, cout, h, w, k, padding):
-    """cuDNN conv + the fused bias/ReLU/pool/argmax epilogue and its fused backward, by the low-precision rule."""
+    """Fused bias/ReLU/pool/argmax (in the GEMM or after cuDNN) and the fused backward, by the low-precision rule."""
     _require(backend)
     dev = torch.device("cuda")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -109,7 +146,8 @@ def test_conv_relu_pool_backend_vs_float64(backend, dtype, channels_last, with_b
     weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype).requires_grad_()
     bias = torch.randn(cout, device=dev).to(dtype).requires_grad_() if with_bias else None
     inputs = [x, weight] + ([bias] if with_bias else [])
-    with ptfast.use_backend(backend), record_dispatch() as events:
+    backend, ctx = _use(backend)
+    with ctx, record_dispatch() as events:
         out = ptfast.conv_relu_pool(x, weight, bias, padding=padding)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, inputs, grad)
@@ -126,7 +164,7 @@ def test_conv_relu_pool_backend_vs_float64(backend, dtype, channels_last, with_b
         assert_rule(ours, theirs, ref, f"{backend} pool {name} {dtype}")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_conv_relu_pool_ties_and_argmax_match_torch_backend(backend, channels_last) -> None:
     """Small-integer inputs make ties: the fused epilogue's output, argmax-driven gradients equal the torch
@@ -141,7 +179,7 @@ def test_conv_relu_pool_ties_and_argmax_match_torch_backend(backend, channels_la
     results = {}
     for name in ("torch", backend):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        with ptfast.use_backend(name):
+        with _use(name)[1]:
             out = ptfast.conv_relu_pool(*leaves, padding=1)
             grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         results[name] = (out, *grads)
@@ -211,3 +249,65 @@ def test_bias_relu_kernel_beyond_int32_elements(backend) -> None:
     expected = torch.relu(tail.float() + bias.float().view(1, -1, 1, 1)).half()
     kernel(y, bias)
     torch.testing.assert_close(y[:, :, -3:, :], expected, rtol=0, atol=0)
+
+
+# VGG-16 layer shapes at full resolution (batch 2): (Cin, Cout, H=W, followed by a pool).
+VGG16_SHAPES = [(3, 64, 224, False), (64, 64, 224, True), (128, 256, 56, False), (512, 512, 14, True)]
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize(("cin", "cout", "hw", "pool"), VGG16_SHAPES, ids=lambda v: str(v))
+def test_vgg16_layers_bf16_channels_last(backend, cin, cout, hw, pool) -> None:
+    """The benchmarked configuration (bf16, channels_last, real VGG-16 sizes) by the low-precision rule."""
+    _require(backend)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(11)
+    cl = torch.channels_last
+    x = torch.randn(2, cin, hw, hw, device=dev, generator=gen).bfloat16().contiguous(memory_format=cl)
+    weight = (torch.randn(cout, cin, 3, 3, device=dev, generator=gen) * (2.0 / (cin * 9)) ** 0.5).bfloat16()
+    bias = (0.1 * torch.randn(cout, device=dev, generator=gen)).bfloat16()
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    op = "conv_relu_pool" if pool else "conv_relu"
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+    backend, ctx = _use(backend)
+    with ctx, record_dispatch() as events:
+        out = fn(*leaves, padding=1)
+        grad = torch.randn(out.shape, device=dev, generator=gen).bfloat16()
+        grads = torch.autograd.grad(out, leaves, grad)
+    assert_ran(events, op, backend, ("forward", "backward"))
+    assert out.is_contiguous(memory_format=cl)
+    oracle = _conv_relu_and_grads(*(t.double() for t in leaves), 1, grad.double(), pool=pool)
+    same = _conv_relu_and_grads(*leaves, 1, grad, pool=pool)
+    for name, ours, theirs, ref in zip(("out", "dx", "dw", "db"), (out, *grads), same, oracle, strict=True):
+        assert_rule(ours, theirs, ref, f"{backend} {op} {name} bf16 {cin}->{cout}@{hw}")
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_patched_vgg_bf16_matches_stock(backend) -> None:
+    """A patched torchvision-layout VGG (tiny widths, odd sizes) against the stock model, both bf16 on the GPU,
+    each compared with the float64 model by the low-precision rule."""
+    import copy
+
+    from tests.test_nn_patch import tiny_vgg
+
+    _require(backend)
+    torch.manual_seed(12)
+    stock = tiny_vgg().cuda().bfloat16()
+    stock64 = copy.deepcopy(stock).double()  # the same (rounded) weights in float64
+    model = ptfast.patch(copy.deepcopy(stock))
+    x = torch.randn(3, 3, 37, 29, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last)
+    x64 = x.double()
+    backend, ctx = _use(backend)
+    with ctx, record_dispatch() as events:
+        out = model(x)
+        out.float().sum().backward()
+    assert_ran(events, "conv_relu_pool", backend, ("forward", "backward"))
+    assert_ran(events, "conv_relu", backend, ("forward", "backward"))
+    ref_same = stock(x)
+    ref_same.float().sum().backward()
+    ref64 = stock64(x64)
+    ref64.sum().backward()
+    assert_rule(out, ref_same, ref64, f"{backend} patched VGG out")
+    named = zip(model.named_parameters(), stock.parameters(), stock64.parameters(), strict=True)
+    for (name, p), q, r in named:
+        assert_rule(p.grad, q.grad, r.grad, f"{backend} patched VGG grad {name}")

@@ -12,6 +12,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "masked_lm_loss": ("benchmarks.ops.masked_lm_loss", "spec"),
     "conv_relu": ("benchmarks.ops.conv", "spec_conv_relu"),
     "conv_relu_pool": ("benchmarks.ops.conv", "spec_conv_relu_pool"),
+    "vgg16_features": ("benchmarks.ops.vgg", "spec"),
 }
 
 

@@ -13,6 +13,7 @@ input gradient (when needed). Bytes: a lower bound on memory traffic (each tenso
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,14 @@ from benchmarks.common import (
 )
 
 PTFAST_BACKENDS = ("torch", "triton", "cuda", "auto")
+# The triton backend's per-layer algorithm choices (ptfast.backends.triton.conv_config), each measured on its
+# own so the per-GPU table can be filled from these rows: (forward, dgrad, wgrad). ptfast[triton] is the
+# table's choice (implicit GEMM + cuDNN dgrad and wgrad while the table is empty).
+TRITON_VARIANTS: dict[str, tuple[str, str, str]] = {
+    "implicit-gemm,triton-dgrad": ("implicit_gemm", "triton", "cudnn"),
+    "implicit-gemm,triton-wgrad": ("implicit_gemm", "cudnn", "triton"),
+    "cudnn-conv+epilogue": ("cudnn", "cudnn", "cudnn"),
+}
 
 # (layer names, Cin, Cout, H=W, followed by a 2x2 max-pool in VGG-16). Identical shapes are merged.
 VGG16_LAYERS: list[tuple[str, int, int, int, bool]] = [
@@ -53,6 +62,17 @@ VGG16_LAYERS: list[tuple[str, int, int, int, bool]] = [
     ("conv5_3", 512, 512, 14, True),
 ]
 BATCH = 64
+
+
+@contextlib.contextmanager
+def _triton_algos(algos: tuple[str, str, str] | None) -> Iterator[None]:
+    if algos is None:
+        yield
+        return
+    from ptfast.backends.triton import conv_config
+
+    with conv_config.use_algos(*algos):
+        yield
 
 
 def _case(name: str, n: int, cin: int, cout: int, hw: int, pool_after: bool, graph: bool = False) -> Case:
@@ -144,18 +164,24 @@ def _plain_relu_pool(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 def _providers(pool: bool):  # noqa: ANN202
     op_name = "conv_relu_pool" if pool else "conv_relu"
 
-    def ptfast_provider(backend: str) -> Provider:
+    def ptfast_provider(backend: str, variant: str | None = None) -> Provider:
+        algos = TRITON_VARIANTS[variant] if variant else None
+
         def build(case: Case, inp: Inputs, mode: str) -> Step:
             ptfast = import_ptfast()
             fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
 
             def fwd() -> Tensor:
-                with ptfast.use_backend(backend):
+                with ptfast.use_backend(backend), _triton_algos(algos):
                     return fn(inp["x"], inp["w"], inp["b"], padding=case.params["padding"])
 
             return make_step(fwd, inp["leaves"], mode, inp["dout"])
 
-        return Provider(f"ptfast[{backend}]", "ptfast", f"ptfast.{op_name} with use_backend({backend!r})", build)
+        name = f"ptfast[{backend}{',' + variant if variant else ''}]"
+        desc = f"ptfast.{op_name} with use_backend({backend!r})"
+        if algos:
+            desc += f", triton conv algorithms forward={algos[0]!r} dgrad={algos[1]!r} wgrad={algos[2]!r}"
+        return Provider(name, "ptfast", desc, build)
 
     def eager() -> Provider:
         def build(case: Case, inp: Inputs, mode: str) -> Step:
@@ -213,6 +239,7 @@ def _providers(pool: bool):  # noqa: ANN202
 
     def make(opts: Options) -> list[Provider]:
         out = [ptfast_provider(b) for b in PTFAST_BACKENDS]
+        out += [ptfast_provider("triton", v) for v in TRITON_VARIANTS]
         out += [eager(), compile_provider(None, opts), compile_provider("max-autotune", opts)]
         if not pool:
             out.append(cudnn_fused())

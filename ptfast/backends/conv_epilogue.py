@@ -33,6 +33,7 @@ PoolReluBackward = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], bool], tuple[torch.Tensor, torch.Tensor | None]
 ]
 Dgrad = Callable[[torch.Tensor, torch.Tensor, list[int], int, torch.memory_format], torch.Tensor]
+Wgrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def pool_reason(backend: str) -> str:
@@ -97,14 +98,16 @@ def backward(
     *,
     pool_relu_backward: PoolReluBackward | None = None,
     dgrad: Dgrad | None = None,
+    wgrad: Wgrad | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias) like :func:`ptfast.backends.torch.conv.backward`; pooled ops use the fused kernel.
 
     ``dgrad(g, weight, x_shape, padding, memory_format) -> dx``: computes the input gradient instead of cuDNN
-    (in the output's memory format, i.e. x's; the weight gradient is always cuDNN's). Without either kernel
-    this is the torch backend's backward.
+    (in the output's memory format, i.e. x's). ``wgrad(g, x, weight, padding, need_dbias) -> (dw, db | None)``:
+    the weight gradient (and the bias gradient, when nothing else computes it) instead of cuDNN. Without any
+    of the kernels this is the torch backend's backward.
     """
-    if (not pool or pool_relu_backward is None) and dgrad is None:
+    if (not pool or pool_relu_backward is None) and dgrad is None and wgrad is None:
         return torch_conv.backward(grad, out, argmax, x, weight, x_shape, padding, pool, needs)
     need_dx, need_dw, need_db = needs
     kh, kw = weight.shape[2], weight.shape[3]
@@ -121,10 +124,15 @@ def backward(
     if dgrad is not None and need_dx:
         dx = dgrad(g, weight, x_shape, padding, torch_conv.memory_format(out))
         need_dx = False
+    if wgrad is not None and need_dw:
+        dw, wgrad_db = wgrad(g, x, weight, padding, cudnn_db)
+        need_dw = False
+        if cudnn_db:
+            dbias, cudnn_db = wgrad_db, False
     if need_dx or need_dw or cudnn_db:
         if x is None:  # only the shape is read when dweight is not needed
             x = g.new_empty(1).expand(x_shape)
-        cudnn_dx, dw, cudnn_dbias = torch.ops.aten.convolution_backward(
+        cudnn_dx, cudnn_dw, cudnn_dbias = torch.ops.aten.convolution_backward(
             g,
             x,
             weight,
@@ -138,5 +146,6 @@ def backward(
             [need_dx, need_dw, cudnn_db],
         )
         dx = cudnn_dx if need_dx else dx
+        dw = cudnn_dw if need_dw else dw
         dbias = cudnn_dbias if cudnn_db else dbias
     return dx, dw, dbias

@@ -1,4 +1,7 @@
-"""conv_relu_pool on the triton backend under TRITON_INTERPRET=1 (CPU tensors): cuDNN-style conv + fused epilogue.
+"""conv_relu_pool on the triton backend under TRITON_INTERPRET=1 (CPU tensors), with its default algorithms.
+
+The default forward is the implicit GEMM with the epilogue inside (more of it in test_triton_implicit_gemm.py);
+the standalone epilogue kernels used after a cuDNN conv are tested directly at the end of this file.
 
 Runs only in the interpreter process (``python tests/run.py``). fp32 must match the float64 oracle
 (tests/oracles/conv.py) tightly; fp16 follows the low-precision rule of DESIGN.md §4 against PyTorch's own

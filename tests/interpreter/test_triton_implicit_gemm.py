@@ -59,14 +59,15 @@ def _oracle(x, weight, bias, padding, pool, grad):
     return (out.detach(), *torch.autograd.grad(out, _params(x, weight, bias), grad.double()))
 
 
-def _run(x, weight, bias, padding, pool, forward="implicit_gemm", dgrad="triton"):
+def _run(x, weight, bias, padding, pool, forward="implicit_gemm", dgrad="triton", wgrad="triton"):
     fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
     op = "conv_relu_pool" if pool else "conv_relu"
-    with ptfast.use_backend("triton"), conv_config.use_algos(forward, dgrad), record_dispatch() as events:
+    with ptfast.use_backend("triton"), conv_config.use_algos(forward, dgrad, wgrad), record_dispatch() as events:
         out = fn(x, weight, bias, padding=padding)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
         grads = torch.autograd.grad(out, _params(x, weight, bias), grad)
-    assert_ran(events, op, "triton", ("forward", "backward", f"forward:{forward}", f"dgrad:{dgrad}"))
+    phases = ("forward", "backward", f"forward:{forward}", f"dgrad:{dgrad}", f"wgrad:{wgrad}")
+    assert_ran(events, op, "triton", phases)
     return out, grads, grad
 
 
@@ -107,16 +108,19 @@ def test_implicit_gemm_matches_float64(dtype, layout, pool, shape) -> None:
             assert_rule(ours, theirs, ref, f"{name} {dtype}")
 
 
-@pytest.mark.parametrize(("forward", "dgrad"), [("implicit_gemm", "cudnn"), ("cudnn", "triton")])
+@pytest.mark.parametrize(
+    ("forward", "dgrad", "wgrad"),
+    [("implicit_gemm", "cudnn", "cudnn"), ("cudnn", "triton", "cudnn"), ("cudnn", "cudnn", "triton")],
+)
 @pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
-def test_every_algorithm_pair(forward, dgrad, pool) -> None:
-    # Both forwards save the same (out, argmax): either dgrad must follow either forward.
+def test_every_algorithm_mix(forward, dgrad, wgrad, pool) -> None:
+    # Both forwards save the same (out, argmax): any backward algorithm must follow either forward.
     x, weight, bias = _inputs(2, 5, 19, 7, 9, 3, torch.float32, torch.channels_last, True, seed=5)
-    out, grads, grad = _run(x, weight, bias, 1, pool, forward, dgrad)
+    out, grads, grad = _run(x, weight, bias, 1, pool, forward, dgrad, wgrad)
     for name, ours, ref in zip(
         ("out", "dx", "dw", "db"), (out, *grads), _oracle(x, weight, bias, 1, pool, grad), strict=True
     ):
-        assert_close64(ours, ref, f"{name} {forward}/{dgrad}")
+        assert_close64(ours, ref, f"{name} {forward}/{dgrad}/{wgrad}")
 
 
 def test_dgrad_falls_back_to_cudnn_when_padding_exceeds_kernel() -> None:
@@ -151,7 +155,7 @@ def test_ties_match_torch_backend_bit_for_bit(layout, cin) -> None:
     for backend in ("torch", "triton"):
         out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, backend)
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
-        with ptfast.use_backend(backend), conv_config.use_algos("implicit_gemm", "triton"):
+        with ptfast.use_backend(backend), conv_config.use_algos("implicit_gemm", "triton", "triton"):
             out_api = ptfast.conv_relu_pool(xs, ws, bs)
             grad = torch.arange(out_api.numel(), dtype=torch.float32).view_as(out_api) % 7 - 3
             grads = torch.autograd.grad(out_api, (xs, ws, bs), grad)
@@ -187,11 +191,15 @@ def test_int64_index_path_agrees(monkeypatch, cin) -> None:
     x, weight, bias = _integer_inputs("nchw", cin)
     with conv_config.use_algos("implicit_gemm"):
         small = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "triton")
-        dx_small = implicit_gemm.conv_dgrad(x[:, :3].repeat(1, 7, 1, 1)[:, :19], weight, list(x.shape), 1)
+        g = x[:, :3].repeat(1, 7, 1, 1)[:, :19]  # a (2, 19, 9, 11) conv-output gradient of small integers
+        dx_small = implicit_gemm.conv_dgrad(g, weight, list(x.shape), 1)
+        dw_small = implicit_gemm.conv_wgrad(g, x, weight, 1, True)
         monkeypatch.setattr(implicit_gemm, "_extent", lambda t: 2**31)
         large = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "triton")
-        dx_large = implicit_gemm.conv_dgrad(x[:, :3].repeat(1, 7, 1, 1)[:, :19], weight, list(x.shape), 1)
+        dx_large = implicit_gemm.conv_dgrad(g, weight, list(x.shape), 1)
+        dw_large = implicit_gemm.conv_wgrad(g, x, weight, 1, True)
     assert torch.equal(small[0], large[0]) and torch.equal(small[1], large[1]) and torch.equal(dx_small, dx_large)
+    assert torch.equal(dw_small[0], dw_large[0]) and torch.equal(dw_small[1], dw_large[1])
 
 
 @pytest.mark.parametrize("layout", list(FORMATS))
@@ -230,9 +238,12 @@ def test_frozen_weight_and_strided_input(pool) -> None:
     weight = torch.randn(9, 16, 3, 3, generator=gen) / 12
     bias = torch.randn(9, generator=gen)
     fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
-    with ptfast.use_backend("triton"), conv_config.use_algos("implicit_gemm", "triton"):
+    algos = conv_config.use_algos("implicit_gemm", "triton", "triton")
+    with ptfast.use_backend("triton"), algos, record_dispatch() as ev:
         out = fn(x, weight, bias)
         (dx,) = torch.autograd.grad(out.sum(), x)
+    op = "conv_relu_pool" if pool else "conv_relu"
+    assert (op, "triton", "dgrad:triton") in ev and not any(e[2].startswith("wgrad") for e in ev)  # no wgrad
     x64 = x.detach().double().requires_grad_()
     ref = conv_relu_ref(x64, weight.double(), bias.double(), 1, pool=pool)
     (dref,) = torch.autograd.grad(ref.sum(), x64)
@@ -243,18 +254,23 @@ def test_frozen_weight_and_strided_input(pool) -> None:
 @pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
 def test_empty_batch_and_zero_input_channels(pool) -> None:
     fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
-    with ptfast.use_backend("triton"), conv_config.use_algos("implicit_gemm", "triton"):
+    with ptfast.use_backend("triton"), conv_config.use_algos("implicit_gemm", "triton", "triton"):
         x = torch.randn(0, 5, 6, 7, requires_grad=True)
         weight = torch.randn(7, 5, 3, 3, requires_grad=True)
-        out = fn(x, weight, torch.randn(7))
+        bias = torch.randn(7, requires_grad=True)
+        out = fn(x, weight, bias)
         assert out.shape == ((0, 7, 3, 3) if pool else (0, 7, 6, 7))
-        dx, dw = torch.autograd.grad(out.sum(), (x, weight))
-        assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(dw))
+        dx, dw, db = torch.autograd.grad(out.sum(), (x, weight, bias))
+        assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros(7))
         # Cin = 0: the convolution is empty and the output is relu(bias) (pooled: the same).
-        bias = torch.randn(7)
-        out0 = fn(torch.randn(2, 0, 6, 7), torch.randn(7, 0, 3, 3), bias)
-    expected = torch.relu(bias).view(1, 7, 1, 1).expand(out0.shape)
-    assert torch.equal(out0, expected)
+        bias = torch.randn(7, requires_grad=True)
+        w0 = torch.randn(7, 0, 3, 3, requires_grad=True)
+        out0 = fn(torch.randn(2, 0, 6, 7), w0, bias)
+        grad0 = torch.randn_like(out0)
+        dw0, db0 = torch.autograd.grad(out0, (w0, bias), grad0)
+    expected = torch.relu(bias.detach()).view(1, 7, 1, 1).expand(out0.shape)
+    assert torch.equal(out0, expected) and dw0.shape == w0.shape
+    torch.testing.assert_close(db0, (grad0 * (out0 > 0)).sum(dim=(0, 2, 3)))
 
 
 @pytest.mark.parametrize("layout", list(FORMATS))
@@ -262,11 +278,12 @@ def test_patched_tiny_vgg_matches_stock(layout) -> None:
     stock = tiny_vgg()
     model = ptfast.patch(copy.deepcopy(stock))
     x = torch.randn(2, 3, 19, 17).contiguous(memory_format=FORMATS[layout])
-    with ptfast.use_backend("triton"), conv_config.use_algos("implicit_gemm", "triton"), record_dispatch() as ev:
+    algos = conv_config.use_algos("implicit_gemm", "triton", "triton")
+    with ptfast.use_backend("triton"), algos, record_dispatch() as ev:
         out = model(x)
         out.sum().backward()
     for op in ("conv_relu", "conv_relu_pool"):
-        assert_ran(ev, op, "triton", ("forward", "backward", "forward:implicit_gemm"))
+        assert_ran(ev, op, "triton", ("forward", "backward", "forward:implicit_gemm", "wgrad:triton"))
     ref = stock(x)
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

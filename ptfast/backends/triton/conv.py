@@ -2,16 +2,17 @@
 
 Forward, per layer (:func:`ptfast.backends.triton.conv_config.algos_for`):
 
-* ``implicit_gemm`` (the default): one Triton kernel computes the convolution as an implicit GEMM with bias,
-  ReLU and, for ``conv_relu_pool``, the 2x2 max-pool and its uint8 argmax in the GEMM's epilogue
-  (:mod:`.implicit_gemm_kernels`): the full-resolution conv output is never written.
-* ``cudnn``: cuDNN's convolution, then one epilogue kernel (:mod:`.bias_relu`, :mod:`.bias_relu_pool`); the
-  shared shape of this path is :mod:`ptfast.backends.conv_epilogue`.
+* ``implicit_gemm`` (the default for channels_last activations): one Triton kernel computes the convolution
+  as an implicit GEMM with bias, ReLU and, for ``conv_relu_pool``, the 2x2 max-pool and its uint8 argmax in
+  the GEMM's epilogue (:mod:`.implicit_gemm_kernels`): the full-resolution conv output is never written.
+* ``cudnn`` (the default for NCHW, where the GEMM's loads would be gathers): cuDNN's convolution, then one
+  epilogue kernel (:mod:`.bias_relu`, :mod:`.bias_relu_pool`); the shared shape of this path is
+  :mod:`ptfast.backends.conv_epilogue`.
 
 Backward: with pooling, the fused kernel of :mod:`.bias_relu_pool` rebuilds the conv-output gradient and the
 bias gradient from (grad, pooled output, argmax); the input gradient is the Triton implicit GEMM on the flipped
-weight or cuDNN's (per layer), the weight gradient cuDNN's. Both forwards save the same (out, argmax), so
-either backward follows either forward.
+weight or cuDNN's, the weight gradient a Triton split-row GEMM or cuDNN's (per layer). Both forwards save the
+same (out, argmax), so either backward follows either forward.
 
 The Triton kernels are imported only when this backend actually runs, so ``import ptfast`` never imports
 triton. Under ``TRITON_INTERPRET=1`` they also run on CPU tensors (the test suite's interpreter tier).
@@ -24,6 +25,7 @@ import torch
 from ptfast import _dispatch
 from ptfast.backends import conv_epilogue
 from ptfast.backends import triton as triton_backend
+from ptfast.backends.torch import conv as torch_conv
 from ptfast.backends.triton import conv_config
 
 # Ops this backend module is registered for but has no kernel for yet (read by ptfast.env_report): none.
@@ -48,7 +50,7 @@ def forward(
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    algos = _algos(x.device, weight, padding, x.shape[2])
+    algos = _algos(x, weight, padding, x.shape[2])
     # Which algorithm ran, for tests (ptfast.testing.record_dispatch): phase "forward:<algo>".
     _dispatch.record(_op(pool), "triton", f"forward:{algos.forward}")
     if algos.forward == "implicit_gemm":
@@ -76,16 +78,21 @@ def backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias); with pooling the conv-output and bias gradients come from the fused kernel."""
-    pool_relu_backward = dgrad = None
+    pool_relu_backward = dgrad = wgrad = None
     if pool:
         from ptfast.backends.triton.bias_relu_pool import pool_relu_backward  # imports triton
-    if needs[0] and _algos(grad.device, weight, padding, x_shape[2]).dgrad == "triton":
+    algos = _algos(out, weight, padding, x_shape[2])
+    if (needs[0] and algos.dgrad == "triton") or (needs[1] and algos.wgrad == "triton"):
         from ptfast.backends.triton import implicit_gemm  # imports triton
 
-        if implicit_gemm.dgrad_supported(weight.shape, padding):
+        if needs[0] and algos.dgrad == "triton" and implicit_gemm.dgrad_supported(weight.shape, padding):
             dgrad = implicit_gemm.conv_dgrad
+        if needs[1] and algos.wgrad == "triton":
+            wgrad = implicit_gemm.conv_wgrad
     if needs[0]:
         _dispatch.record(_op(pool), "triton", "dgrad:triton" if dgrad is not None else "dgrad:cudnn")
+    if needs[1]:
+        _dispatch.record(_op(pool), "triton", "wgrad:triton" if wgrad is not None else "wgrad:cudnn")
     return conv_epilogue.backward(
         grad,
         out,
@@ -98,6 +105,7 @@ def backward(
         needs,
         pool_relu_backward=pool_relu_backward,
         dgrad=dgrad,
+        wgrad=wgrad,
     )
 
 
@@ -105,6 +113,10 @@ def _op(pool: bool) -> str:
     return "conv_relu_pool" if pool else "conv_relu"
 
 
-def _algos(device: torch.device, weight: torch.Tensor, padding: int, input_h: int) -> conv_config.Algos:
+def _algos(activation: torch.Tensor, weight: torch.Tensor, padding: int, input_h: int) -> conv_config.Algos:
+    """The layer's algorithms; ``activation`` (x in forward, the saved output in backward) gives the layout."""
     conv_h = input_h + 2 * padding - weight.shape[2] + 1
-    return conv_config.algos_for(device, weight.dtype, weight.shape[1], weight.shape[0], conv_h)
+    channels_last = torch_conv.memory_format(activation) == torch.channels_last
+    return conv_config.algos_for(
+        activation.device, weight.dtype, weight.shape[1], weight.shape[0], conv_h, channels_last=channels_last
+    )

@@ -8,15 +8,16 @@ DDP rank on one GPU model runs the same kernels, and nothing is timed during tra
   :func:`ptfast.backends.triton.gpu_class`) and within a class by (bytes per element, Cout bucket). Every entry
   is registered with the compile-for-target check for its own class.
 * **Algorithms** for each GEMM of a layer (:class:`Algos`): the forward as the fused implicit GEMM or as cuDNN
-  followed by the fused epilogue kernel, and the input gradient (dgrad) as the Triton implicit GEMM or cuDNN.
-  The weight gradient is always cuDNN's. :data:`LAYER_ALGOS` holds per-GPU, per-layer-shape exceptions to
-  :data:`DEFAULT_ALGOS`; an entry may only come from a side-by-side measurement on that GPU class
-  (``python -m benchmarks.run --op conv_relu --op conv_relu_pool`` reports both forward algorithms and both
-  dgrads). No GPU has run these kernels yet, so the table holds no entries and every layer takes the default.
+  followed by the fused epilogue kernel; the input gradient (dgrad) as the Triton implicit GEMM or cuDNN; the
+  weight gradient (wgrad) as a Triton split-row GEMM or cuDNN. :data:`LAYER_ALGOS` holds per-GPU,
+  per-layer-shape exceptions to :data:`DEFAULT_ALGOS`; an entry may only come from a side-by-side measurement
+  on that GPU class (``python -m benchmarks.run --op conv_relu --op conv_relu_pool`` reports every algorithm).
+  No GPU has run these kernels yet, so the table holds no entries and every layer takes the default.
 
 This module does not import triton. Hooks (process-global, not per thread: autograd runs backward on another
 thread): :func:`use_blocks` forces block sizes, :func:`use_algos` (or ``PTFAST_CONV_FORWARD`` =
-``implicit_gemm`` / ``cudnn`` and ``PTFAST_CONV_DGRAD`` = ``triton`` / ``cudnn``) forces algorithms.
+``implicit_gemm`` / ``cudnn``, ``PTFAST_CONV_DGRAD`` and ``PTFAST_CONV_WGRAD`` = ``triton`` / ``cudnn``) forces
+algorithms.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -47,13 +48,19 @@ class ConvBlocks:
 class Algos:
     forward: str  # "implicit_gemm": fused Triton GEMM + epilogue; "cudnn": cuDNN conv, then the epilogue kernel
     dgrad: str  # "triton": the implicit-GEMM kernel on the flipped weight; "cudnn": convolution_backward
+    wgrad: str  # "triton": split-row GEMM kernel, deterministic; "cudnn": convolution_backward
 
 
 FORWARD_ALGOS = ("implicit_gemm", "cudnn")
 DGRAD_ALGOS = ("triton", "cudnn")
-DEFAULT_ALGOS = Algos(forward="implicit_gemm", dgrad="cudnn")
+WGRAD_ALGOS = ("triton", "cudnn")
+DEFAULT_ALGOS = Algos(forward="implicit_gemm", dgrad="cudnn", wgrad="cudnn")
+# NCHW activations: a K chunk of the implicit GEMM (consecutive channels) is H*W elements apart in memory, so
+# every A load is a gather; cuDNN transposes internally. The implicit GEMM is for channels_last.
+NCHW_ALGOS = Algos(forward="cudnn", dgrad="cudnn", wgrad="cudnn")
 
-# GPU class -> (bytes per element, Cin, Cout, conv-output height) -> Algos. Filled from measurements only.
+# GPU class -> (bytes per element, Cin, Cout, conv-output height) -> Algos for channels_last activations.
+# Filled from measurements only.
 LAYER_ALGOS: dict[int, dict[tuple[int, int, int, int], Algos]] = {c: {} for c in GPU_CLASSES}
 
 GROUP_M = 8
@@ -83,18 +90,30 @@ TABLES: dict[int, dict[tuple[int, int], ConvBlocks]] = {
     },
 }
 
+# Rows reduced per step of the weight-gradient kernel, by bytes per element; its output tile is the table's
+# (BLOCK_N of Cout) x (BLOCK_K of K).
+WGRAD_BLOCK_M = {2: 64, 4: 32}
+
 # Under TRITON_INTERPRET (CPU) only correctness matters: small tiles so odd test sizes span several tiles in M,
 # N and K, and partial K chunks in the flat walk.
 INTERPRETER_BLOCKS = _C(32, 16, 16, 4, 1)
 
 _lock = threading.Lock()
 _forced_blocks: list[ConvBlocks | None] = [None]
-_forced_algos: dict[str, str | None] = {"forward": None, "dgrad": None}
+_forced_algos: dict[str, str | None] = {"forward": None, "dgrad": None, "wgrad": None}
+_CHOICES = {"forward": FORWARD_ALGOS, "dgrad": DGRAD_ALGOS, "wgrad": WGRAD_ALGOS}
 
 
 def flat_block_k(elem_size: int, interpreter: bool = False) -> int:
     """K chunk of the flat walk (small or odd Cin): 32 columns fit a 3x3x3 layer (27) in one chunk."""
     return 16 if interpreter else 32
+
+
+def wgrad_block_m(device: torch.device, dtype: torch.dtype) -> int:
+    """Rows reduced per step of the weight-gradient kernel (its GEMM's K)."""
+    if device.type != "cuda":
+        return INTERPRETER_BLOCKS.block_m
+    return WGRAD_BLOCK_M[min(torch.empty((), dtype=dtype).element_size(), 4)]
 
 
 def cout_bucket(cout: int) -> int:
@@ -122,32 +141,36 @@ def k_walk(cin: int, blocks: ConvBlocks, device: torch.device) -> tuple[bool, in
     return False, block_k
 
 
-def algos_for(device: torch.device, dtype: torch.dtype, cin: int, cout: int, conv_h: int) -> Algos:
-    """The algorithms for one layer: forced (hook or environment), else the GPU's table entry, else the default."""
-    base = DEFAULT_ALGOS
-    if device.type == "cuda":
+def algos_for(
+    device: torch.device, dtype: torch.dtype, cin: int, cout: int, conv_h: int, *, channels_last: bool = True
+) -> Algos:
+    """The algorithms for one layer: forced (hook or environment), else the GPU's table entry for channels_last
+    activations (:data:`NCHW_ALGOS` for NCHW ones), else the default."""
+    base = DEFAULT_ALGOS if channels_last else NCHW_ALGOS
+    if device.type == "cuda" and channels_last:
         elem = torch.empty((), dtype=dtype).element_size()
         base = LAYER_ALGOS[device_class(device)].get((elem, cin, cout, conv_h), DEFAULT_ALGOS)
-    forward = _forced_algos["forward"] or os.environ.get("PTFAST_CONV_FORWARD") or base.forward
-    dgrad = _forced_algos["dgrad"] or os.environ.get("PTFAST_CONV_DGRAD") or base.dgrad
-    if forward not in FORWARD_ALGOS:
-        raise ValueError(f"PTFAST_CONV_FORWARD must be one of {FORWARD_ALGOS}, got {forward!r}")
-    if dgrad not in DGRAD_ALGOS:
-        raise ValueError(f"PTFAST_CONV_DGRAD must be one of {DGRAD_ALGOS}, got {dgrad!r}")
-    return replace(base, forward=forward, dgrad=dgrad)
+    chosen = {}
+    for kind, choices in _CHOICES.items():
+        env = f"PTFAST_CONV_{kind.upper()}"
+        value = _forced_algos[kind] or os.environ.get(env) or getattr(base, kind)
+        if value not in choices:
+            raise ValueError(f"{env} must be one of {choices}, got {value!r}")
+        chosen[kind] = value
+    return Algos(**chosen)
 
 
 @contextmanager
-def use_algos(forward: str | None = None, dgrad: str | None = None) -> Iterator[None]:
-    """Force the forward (``"implicit_gemm"`` / ``"cudnn"``) and/or dgrad (``"triton"`` / ``"cudnn"``) algorithm
-    of the triton conv backend (process-wide; overrides the tables and the environment)."""
-    if forward is not None and forward not in FORWARD_ALGOS:
-        raise ValueError(f"use_algos: forward must be one of {FORWARD_ALGOS}, got {forward!r}")
-    if dgrad is not None and dgrad not in DGRAD_ALGOS:
-        raise ValueError(f"use_algos: dgrad must be one of {DGRAD_ALGOS}, got {dgrad!r}")
+def use_algos(forward: str | None = None, dgrad: str | None = None, wgrad: str | None = None) -> Iterator[None]:
+    """Force the forward (``"implicit_gemm"`` / ``"cudnn"``), dgrad and/or wgrad (``"triton"`` / ``"cudnn"``)
+    algorithm of the triton conv backend (process-wide; overrides the tables and the environment)."""
+    new = {"forward": forward, "dgrad": dgrad, "wgrad": wgrad}
+    for kind, value in new.items():
+        if value is not None and value not in _CHOICES[kind]:
+            raise ValueError(f"use_algos: {kind} must be one of {_CHOICES[kind]}, got {value!r}")
     with _lock:
         old = dict(_forced_algos)
-        _forced_algos.update({k: v for k, v in {"forward": forward, "dgrad": dgrad}.items() if v is not None})
+        _forced_algos.update({k: v for k, v in new.items() if v is not None})
     try:
         yield
     finally:

@@ -7,13 +7,15 @@ in the activation's memory format. The weight is re-laid once per call as the GE
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ptfast.backends import triton as triton_backend
 from ptfast.backends.torch import conv as torch_conv
 from ptfast.backends.triton import conv_config
-from ptfast.backends.triton.implicit_gemm_kernels import _conv_gemm_fwd
+from ptfast.backends.triton.implicit_gemm_kernels import _conv_gemm_fwd, _conv_gemm_wgrad
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -40,7 +42,7 @@ def _launch(
     blocks = conv_config.blocks_for(x.device, x.dtype, cout)
     flat_k, block_k = conv_config.k_walk(cin, blocks, x.device)
     grid = (triton.cdiv(m, blocks.block_m) * triton.cdiv(cout, blocks.block_n),)
-    large = max(_extent(x), _extent(out), m * (4 if pool else 1)) >= 2**31 - 1
+    large = max(_extent(x), _extent(out), m) >= 2**31 - 1
     with triton_backend.device_guard(x):
         _conv_gemm_fwd[grid](
             x,
@@ -129,3 +131,82 @@ def conv_dgrad(
     w_mat = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw * cout, cin).contiguous()
     _launch(g, w_mat, None, dx, None, (kh, kw), (kh - 1 - padding, kw - 1 - padding), relu=False, pool=False)
     return dx
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(device: torch.device, tiles: int, row_chunks: int) -> int:
+    """How many row splits the weight gradient's reduction gets: enough programs to fill the GPU ~4 times over
+    (the first VGG layers have a single (Cout, K) tile and millions of rows); 3 under the interpreter, so
+    tests cross split boundaries."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = triton.cdiv(4 * _sm_count(index), tiles)
+    else:
+        target = 3
+    return max(1, min(target, row_chunks))
+
+
+def conv_wgrad(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_dbias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dweight, dbias)`` of ``conv2d(x, weight, padding=padding)`` (stride 1) for the output gradient ``g``.
+
+    ``g``: ``(N, Cout, Hc, Wc)``, ``x``: ``(N, Cin, H, W)``, any strides, weight's dtype. Accumulated in fp32
+    per row split, the splits summed in a fixed order (run-to-run identical). ``dweight`` in weight's memory
+    format and dtype; ``dbias`` (``sum`` of g over N, H, W) or None.
+    """
+    cout, cin, kh, kw = weight.shape
+    n, _, h, w = x.shape
+    hc, wc = g.shape[2], g.shape[3]
+    k_total = kh * kw * cin
+    m = n * hc * wc
+    blocks = conv_config.blocks_for(x.device, x.dtype, cout)
+    flat_k, block_k = conv_config.k_walk(cin, blocks, x.device)
+    block_m = conv_config.wgrad_block_m(x.device, x.dtype)
+    tiles_k, tiles_n = triton.cdiv(k_total, block_k), triton.cdiv(cout, blocks.block_n)
+    splits = _splits(x.device, tiles_k * tiles_n, triton.cdiv(m, block_m))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m if m else block_m
+    dw_part = torch.zeros((splits, cout, k_total), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros((splits, cout), dtype=torch.float32, device=x.device) if need_dbias else None
+    if m > 0 and cout > 0 and k_total > 0:
+        large = max(_extent(x), _extent(g), splits * cout * k_total, m) >= 2**31 - 1
+        with triton_backend.device_guard(x):
+            _conv_gemm_wgrad[(tiles_k, tiles_n, splits)](
+                g,
+                x,
+                dw_part,
+                db_part if db_part is not None else dw_part,  # never written without NEED_DBIAS
+                m,
+                cin,
+                cout,
+                h,
+                w,
+                hc,
+                wc,
+                padding,
+                padding,
+                rows_per_split,
+                *g.stride(),
+                *x.stride(),
+                KH=kh,
+                KW=kw,
+                NEED_DBIAS=need_dbias,
+                FLAT_K=flat_k,
+                LARGE=large,
+                DOT_PRECISION=triton_backend.conv_dot_precision(x.dtype, x.device),
+                BLOCK_M=block_m,
+                BLOCK_N=blocks.block_n,
+                BLOCK_K=block_k,
+                num_warps=blocks.num_warps,
+                num_stages=blocks.num_stages,
+            )
+    elif need_dbias and m > 0:  # no input channels: only the bias gradient
+        db_part = g.sum(dim=(0, 2, 3), dtype=torch.float32).unsqueeze(0)
+    dw = dw_part.sum(dim=0).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
+    dw = dw.to(weight.dtype).contiguous(memory_format=torch_conv.memory_format(weight))
+    db = db_part.sum(dim=0).to(weight.dtype) if db_part is not None else None
+    return dw, db

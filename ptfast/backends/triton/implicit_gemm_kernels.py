@@ -33,6 +33,10 @@ standalone epilogue kernel (:func:`ptfast.backends.triton.bias_relu_pool._take`)
 
 The same kernel with ``HAS_BIAS = RELU = POOL = False`` computes the input gradient (dgrad) of a stride-1
 convolution: ``dx = conv(g, flip(w)^T, padding = k - 1 - p)``.
+
+:func:`_conv_gemm_wgrad` computes the weight gradient ``dw = g^T A`` (A the same implicit im2col matrix),
+whose reduction runs over all N * Hc * Wc output pixels: it is split into row ranges, each program writes an
+fp32 partial tile, and the launcher sums the splits in a fixed order (deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -187,6 +191,101 @@ def _conv_gemm_fwd(
         tl.store(out_ptr + offsets, acc.to(out_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
+@triton.jit
+def _conv_gemm_wgrad(
+    g_ptr,
+    x_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    M,
+    Cin,
+    Cout,
+    H,
+    W,
+    Hc,
+    Wc,
+    pad_h,
+    pad_w,
+    rows_per_split,
+    g_sn,
+    g_sc,
+    g_sh,
+    g_sw,
+    x_sn,
+    x_sc,
+    x_sh,
+    x_sw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    NEED_DBIAS: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    LARGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Weight gradient ``dw[co, k] = sum_m g[m, co] * A[m, k]`` (A: the forward's implicit im2col matrix) over one
+    split of the GEMM rows; every (split, co, k) slot of ``dw_part`` (fp32, ``[splits, Cout, K]``) has exactly one
+    writer, and the launcher sums the splits in a fixed order (deterministic, no atomics). With ``NEED_DBIAS``
+    the programs of the first K tile also write the split's ``sum_m g[m, co]`` to ``db_part [splits, Cout]``."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    if LARGE:
+        split = split.to(tl.int64)
+        g_sn, g_sc, g_sh, g_sw = g_sn.to(tl.int64), g_sc.to(tl.int64), g_sh.to(tl.int64), g_sw.to(tl.int64)
+        x_sn, x_sc, x_sh, x_sw = x_sn.to(tl.int64), x_sc.to(tl.int64), x_sh.to(tl.int64), x_sw.to(tl.int64)
+    K = KH * KW * Cin
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Cout
+    kk = tl.arange(0, BLOCK_K)
+    if FLAT_K:
+        k = pid_k * BLOCK_K + kk
+        k_ok = k < K
+        ci = k % Cin
+        r = (k // Cin) // KW
+        s = (k // Cin) % KW
+    else:  # Cin % BLOCK_K == 0: one tap, BLOCK_K consecutive channels
+        c_blocks = Cin // BLOCK_K
+        tap = pid_k // c_blocks
+        c0 = (pid_k % c_blocks) * BLOCK_K
+        k = tap * Cin + c0 + kk
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < row_end
+        t = m // Wc
+        oh = t % Hc
+        ow = m % Wc
+        n = t // Hc
+        g_rows = n * g_sn + oh * g_sh + ow * g_sw
+        gt = tl.load(g_ptr + g_rows[:, None] + co[None, :] * g_sc, mask=m_ok[:, None] & co_ok[None, :], other=0.0)
+        if FLAT_K:
+            ih = (oh - pad_h)[:, None] + r[None, :]
+            iw = (ow - pad_w)[:, None] + s[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + (n * x_sn)[:, None] + ih * x_sh + iw * x_sw + ci[None, :] * x_sc, mask=a_ok, other=0.0)
+        else:
+            ih = oh - pad_h + tap // KW
+            iw = ow - pad_w + tap % KW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_rows = n * x_sn + ih * x_sh + iw * x_sw + c0 * x_sc
+            a = tl.load(x_ptr + a_rows[:, None] + kk[None, :] * x_sc, mask=row_ok[:, None], other=0.0)
+        acc = tl.dot(tl.trans(gt), a, acc, input_precision=DOT_PRECISION)
+        if NEED_DBIAS:
+            db += tl.sum(gt.to(tl.float32), axis=0)
+    slot = split * Cout * K + co[:, None] * K + k[None, :]
+    k_store_ok = k_ok[None, :] if FLAT_K else k[None, :] < K
+    tl.store(dw_part_ptr + slot, acc, mask=co_ok[:, None] & k_store_ok)
+    if NEED_DBIAS:
+        if pid_k == 0:
+            tl.store(db_part_ptr + split * Cout + co, db, mask=co_ok)
+
+
 _TRITON_DTYPES = {2: ("fp16", "bf16"), 4: ("fp32",)}
 # (FLAT_K, epilogue on, LARGE): the heaviest and the plain variant of each K walk, plus int64 indexing.
 _VARIANTS = [(flat, epi, False) for flat, epi in itertools.product((False, True), (True, False))]
@@ -241,4 +340,46 @@ def _register_configs() -> None:
                 )
 
 
+def _register_wgrad_configs() -> None:
+    """The weight-gradient kernel for every table entry: both K walks with the bias sum on; int64 indexing."""
+    ints = ("M", "Cin", "Cout", "H", "W", "Hc", "Wc", "pad_h", "pad_w", "rows_per_split")
+    strides = ("g_sn", "g_sc", "g_sh", "g_sw", "x_sn", "x_sc", "x_sh", "x_sw")
+    pointers = ("g_ptr", "x_ptr", "dw_part_ptr", "db_part_ptr")
+    for arch, table in conv_config.TABLES.items():
+        for (elem, cout_bucket), blocks in table.items():
+            tdtype = _TRITON_DTYPES[elem][0]
+            block_m = conv_config.WGRAD_BLOCK_M[elem]
+            for flat_k, large in ((False, False), (True, False), (False, True)):
+                block_k = conv_config.flat_block_k(elem) if flat_k else blocks.block_k
+                compile_targets.register(
+                    f"conv_gemm_wgrad[sm{arch},{tdtype},cout{cout_bucket},{'flat' if flat_k else 'taps'},dbias"
+                    f"{',int64' if large else ''},{block_m}x{blocks.block_n}x{block_k},w{blocks.num_warps},"
+                    f"s{blocks.num_stages}]",
+                    _conv_gemm_wgrad,
+                    signature={
+                        "g_ptr": f"*{tdtype}",
+                        "x_ptr": f"*{tdtype}",
+                        "dw_part_ptr": "*fp32",
+                        "db_part_ptr": "*fp32",
+                        **dict.fromkeys(ints + strides, "i32"),
+                    },
+                    constexprs={
+                        "KH": 3,
+                        "KW": 3,
+                        "NEED_DBIAS": True,
+                        "FLAT_K": flat_k,
+                        "LARGE": large,
+                        "DOT_PRECISION": "tf32" if elem == 4 else "ieee",
+                        "BLOCK_M": block_m,
+                        "BLOCK_N": blocks.block_n,
+                        "BLOCK_K": block_k,
+                    },
+                    num_warps=blocks.num_warps,
+                    num_stages=blocks.num_stages,
+                    divisible_by_16=pointers + (() if flat_k else ("Cin", "Cout", "x_sn", "x_sh", "x_sw")),
+                    archs=(arch,),
+                )
+
+
 _register_configs()
+_register_wgrad_configs()
