@@ -17,6 +17,7 @@ Hugging Face models (recognized only when transformers is already imported or th
 ``attention=True``, an ``"eager"`` / ``"sdpa"`` encoder is switched to it; a ``BertForMaskedLM`` /
 ``BertForPreTraining`` gets a forward on the instance that, in training with labels, runs the masked-LM head
 only on masked rows and the fused loss, returning ``logits=None`` (see :mod:`ptfast.integrations.bert_mlm`).
+With ``unpad=True`` every ``BertModel`` runs on the real tokens only (see :mod:`ptfast.integrations.bert_unpad`).
 Modules, parameters and state_dict keys stay as they were.
 """
 
@@ -161,6 +162,7 @@ def patch(
     attention: bool = True,
     mlm: bool = True,
     mlm_row_budget: float | None = 0.2,
+    unpad: bool = False,
     verbose: bool = False,
 ) -> nn.Module:
     """Swap supported blocks of ``model`` for fused ptfast modules, in place; returns ``model``.
@@ -177,6 +179,10 @@ def patch(
         mlm_row_budget: under ``torch.compile``, the static number of rows the masked-LM head runs on, as a
             fraction of the tokens (rounded up to a multiple of 8); a batch with more masked tokens runs the head
             on every row instead. None: every row.
+        unpad: Hugging Face ``BertModel`` encoders (needs ``attention=True``): remove the padding once before
+            the embeddings and run every layer on the real tokens only (:mod:`ptfast.integrations.bert_unpad`);
+            outputs at padded positions are then 0. One host sync per forward; under ``torch.compile`` the unpad
+            step breaks the graph.
         verbose: print the report (it is always logged at INFO on the ``ptfast`` logger).
 
     The report of the last call is kept on ``model.ptfast_patch_report``.
@@ -198,6 +204,10 @@ def patch(
             mlm=mlm,
             row_budget_fraction=mlm_row_budget,
         )
+        if unpad:
+            from ptfast.integrations import bert_unpad
+
+            bert_unpad.patch_model(hf_model, report.replaced, report.skipped, prefix=prefix)
     model.ptfast_patch_report = report
     log.info("%s", report)
     if verbose:

@@ -283,11 +283,17 @@ def _forward_masked_lm(
     else:
         from transformers.modeling_outputs import MaskedLMOutput
 
-        enc = model.bert(input_ids, **inputs, return_dict=True, **kwargs)
+        unpadded = _packed_bert(model.bert, input_ids, inputs, kwargs)
+        if unpadded is not None:  # the head runs on the masked real tokens of the packed row: nothing scattered
+            packed, enc = unpadded
+            labels, hidden_states = packed.gather(labels.to(enc[0].device)), _scattered(packed, enc.hidden_states)
+        else:
+            enc = model.bert(input_ids, **inputs, return_dict=True, **kwargs)
+            hidden_states = enc.hidden_states
         loss = mlm_head_loss(
             model.cls.predictions, enc[0], labels, num_items_in_batch=num_items, row_budget_fraction=budget
         )
-        out = MaskedLMOutput(loss=loss, logits=None, hidden_states=enc.hidden_states, attentions=enc.attentions)
+        out = MaskedLMOutput(loss=loss, logits=None, hidden_states=hidden_states, attentions=enc.attentions)
     return out if return_dict else out.to_tuple()
 
 
@@ -323,8 +329,15 @@ def _forward_pretraining(
     else:
         from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
-        enc = model.bert(input_ids, **inputs, return_dict=True, **kwargs)
-        sequence_output, pooled_output = enc[:2]
+        unpadded = _packed_bert(model.bert, input_ids, inputs, kwargs)
+        if unpadded is not None:
+            packed, enc = unpadded
+            sequence_output, hidden_states = enc[0], _scattered(packed, enc.hidden_states)
+            labels = packed.gather(labels.to(sequence_output.device))
+            pooled_output = model.bert.pooler(packed.first_tokens(sequence_output, inputs["attention_mask"]))
+        else:
+            enc = model.bert(input_ids, **inputs, return_dict=True, **kwargs)
+            (sequence_output, pooled_output), hidden_states = enc[:2], enc.hidden_states
         mlm = mlm_head_loss(
             model.cls.predictions, sequence_output, labels, num_items_in_batch=num_items, row_budget_fraction=budget
         )
@@ -334,10 +347,29 @@ def _forward_pretraining(
             loss=mlm + nsp,
             prediction_logits=None,
             seq_relationship_logits=nsp_logits,
-            hidden_states=enc.hidden_states,
+            hidden_states=hidden_states,
             attentions=enc.attentions,
         )
     return out if return_dict else out.to_tuple()
+
+
+def _packed_bert(bert: nn.Module, input_ids: Tensor | None, inputs: dict[str, Any], kwargs: dict[str, Any]):
+    """``(packed, encoder output on the packed row)`` when ``bert`` was unpadded by ``ptfast.patch(unpad=True)``
+    and these inputs can run unpadded (:mod:`ptfast.integrations.bert_unpad`), else None."""
+    from ptfast.integrations import bert_unpad
+
+    unpadded = bert_unpad.unpadded_forward_of(bert)
+    attention_mask = inputs.get("attention_mask")
+    everything = {**inputs, **kwargs}
+    if unpadded is None or not unpadded.can_unpad(attention_mask, everything):
+        return None
+    packed = bert_unpad.pack(attention_mask)
+    rest = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    return packed, bert_unpad.packed_encoder(bert, packed, input_ids, **rest, **kwargs)
+
+
+def _scattered(packed: Any, hidden_states: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+    return None if hidden_states is None else tuple(packed.scatter(h) for h in hidden_states)
 
 
 _FORWARDS: dict[str, Callable[..., Any]] = {

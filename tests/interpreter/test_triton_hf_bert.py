@@ -111,3 +111,27 @@ def test_padding_free_bert_on_triton_matches_float64_eager() -> None:
     e = rel_err(h_ours[0], h_ref[real])
     assert e <= TOL, f"packed hidden states: relative error {e:.3e} > {TOL:.0e}"
     _check_grads(_grads(ours), _grads(oracle))
+
+
+def test_unpadded_bert_on_triton_matches_float64_eager() -> None:
+    # ptfast.patch(unpad=True): the padded batch is packed once inside the model (holes included) and every
+    # layer runs on real tokens; attention goes through attention_varlen on the triton backend.
+    oracle, ours = _models(transformers.BertModel)
+    ptfast.patch(ours, unpad=True)
+    ids = torch.randint(1, 97, (B, S))
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, 9:] = 0  # right padding
+    mask[1, 4:6] = 0  # a hole: packed with its original position ids
+    weight = torch.randn(B, S, HIDDEN, dtype=torch.float64)
+
+    with ptfast.use_backend(BACKEND), record_dispatch() as events:
+        h_ours = _forward_backward(ours, ids, mask, weight)
+    assert_ran(events, "attention_varlen", BACKEND, ("forward", "backward"))
+    assert not any(op == "attention" for op, _, _ in events)
+    h_ref = _forward_backward(oracle, ids, mask, weight)
+
+    real = mask.bool()
+    e = rel_err(h_ours[real], h_ref[real])
+    assert e <= TOL, f"unpadded last_hidden_state on real tokens: relative error {e:.3e} > {TOL:.0e}"
+    assert (h_ours[~real] == 0).all()
+    _check_grads(_grads(ours), _grads(oracle))
