@@ -1,6 +1,6 @@
 """``ptfast.patch(model)``: swap supported blocks of an existing model for fused ptfast modules, in place.
 
-Covered now: VGG-style ``nn.Sequential`` stacks (torchvision layout: ``Conv2d[, BatchNorm2d], ReLU[,
+Covered: VGG-style ``nn.Sequential`` stacks (torchvision layout: ``Conv2d[, BatchNorm2d], ReLU[,
 MaxPool2d(2, 2)]``). A ``Conv2d -> ReLU -> MaxPool2d(2, 2)`` run becomes :class:`ptfast.nn.ConvReLUPool2d` and
 ``Conv2d -> ReLU`` becomes :class:`ptfast.nn.ConvReLU2d`; the ReLU / pool slots become ``nn.Identity`` so
 indices, parameter objects and state_dict keys stay what they were (old checkpoints load, optimizers keep their
@@ -18,6 +18,10 @@ Hugging Face models (recognized only when transformers is already imported or th
 ``BertForPreTraining`` gets a forward on the instance that, in training with labels, runs the masked-LM head
 only on masked rows and the fused loss, returning ``logits=None`` (see :mod:`ptfast.integrations.bert_mlm`).
 With ``unpad=True`` every ``BertModel`` runs on the real tokens only (see :mod:`ptfast.integrations.bert_unpad`).
+
+PyTorch's ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (``attention=True``): the instances' classes
+become subclasses whose self-attention runs :func:`ptfast.attention` and that never take PyTorch's fast paths
+(see :mod:`ptfast.integrations.torch_transformer`); parameters and state_dict keys unchanged.
 Modules, parameters and state_dict keys stay as they were.
 """
 
@@ -173,7 +177,9 @@ def patch(
         conv: set False to leave convolution blocks alone.
         attention: Hugging Face models: switch ``attn_implementation`` ``"eager"`` / ``"sdpa"`` to ``"ptfast"``
             (the same attention function, so the same results; ``output_attentions=True`` is then refused, and
-            dropout masks come from ptfast's generator). Decoders and generative models keep theirs.
+            dropout masks come from ptfast's generator). Decoders and generative models keep theirs. PyTorch's
+            ``nn.TransformerEncoder(Layer)``: self-attention through :func:`ptfast.attention` (see
+            :mod:`ptfast.integrations.torch_transformer`).
         mlm: Hugging Face ``BertForMaskedLM`` / ``BertForPreTraining``: in training with labels, run the head
             only on masked rows and the fused loss; the output's logits are then None.
         mlm_row_budget: under ``torch.compile``, the static number of rows the masked-LM head runs on, as a
@@ -192,6 +198,10 @@ def patch(
         for prefix, module in list(model.named_modules()):
             if isinstance(module, nn.Sequential):
                 _patch_sequential(module, f"{prefix}." if prefix else "", report)
+    if attention:
+        from ptfast.integrations import torch_transformer
+
+        torch_transformer.patch_encoders(model, report.replaced, report.skipped)
     for prefix, hf_model in _outermost_transformers_models(model):
         from ptfast.integrations import bert_mlm
 
