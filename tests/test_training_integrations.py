@@ -164,3 +164,59 @@ def test_hf_trainer_with_gradient_accumulation(tmp_path) -> None:
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     assert len(seen) == 4 and all(n is not None for n in seen)  # masked tokens over the accumulated batch
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+ENCODERS = ["BertForSequenceClassification", "RobertaForMaskedLM", "ElectraForSequenceClassification"]
+
+
+@pytest.mark.parametrize("cls_name", ENCODERS)
+def test_other_encoders_train_like_stock(cls_name: str) -> None:
+    """Encoders built on transformers' AttentionInterface: patch switches their attention to ptfast; losses and
+    every gradient over three AdamW steps match the stock (eager) model."""
+    transformers = pytest.importorskip("transformers")
+    cls = getattr(transformers, cls_name)
+    config_cls = getattr(transformers, cls_name.split("For")[0] + "Config")
+    kw = dict(
+        vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        attn_implementation="eager", pad_token_id=0,
+    )  # fmt: skip
+    if cls_name.startswith("Electra"):
+        kw["embedding_size"] = 32
+    torch.manual_seed(0)
+    stock = cls(config_cls(**kw)).double().train()
+    ours = ptfast.patch(copy.deepcopy(stock))
+    assert any("attn_implementation 'eager' -> 'ptfast'" in line for line in ours.ptfast_patch_report.replaced)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (stock, ours)]
+    for step in range(3):
+        batch = _mlm_batch(step, b=3)
+        # Roberta's position ids start after pad_token_id: keep token 0 (padding) out of real positions.
+        batch["input_ids"] = batch["input_ids"].clamp(min=1) * batch["attention_mask"]
+        if "SequenceClassification" in cls_name:
+            batch["labels"] = torch.tensor([0, 2, 1])
+        with record_dispatch() as events:
+            loss = ours(**batch).loss
+            loss.backward()
+        assert_ran(events, "attention", "torch", ("forward", "backward"))
+        ref = stock(**batch).loss
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=TOL, atol=TOL)
+        _assert_same_grads(_grads(ours), _grads(stock), tol=1e-9)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_patch_before_or_after_dtype_change() -> None:
+    batch = _mlm_batch()
+    first = ptfast.patch(_bert(torch.float32), unpad=True).double()  # patch, then .double()
+    second = ptfast.patch(_bert(torch.float32).double(), unpad=True)  # .double(), then patch
+    loss_a, loss_b = first(**batch).loss, second(**batch).loss
+    assert loss_a.dtype == torch.float64
+    torch.testing.assert_close(loss_a, loss_b, rtol=TOL, atol=TOL)
+    torch.manual_seed(0)
+    vgg = tiny_vgg()
+    half_after = ptfast.patch(copy.deepcopy(vgg)).to(torch.bfloat16)
+    half_before = ptfast.patch(copy.deepcopy(vgg).to(torch.bfloat16))
+    x = torch.randn(2, 3, 19, 17, dtype=torch.bfloat16)
+    assert torch.equal(half_after(x), half_before(x))
