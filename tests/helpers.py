@@ -61,3 +61,21 @@ def peak_rss_growth_bytes(fn) -> int:
     base = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - base) * 1024
+
+
+def conv_inputs(n, cin, cout, h, w, k, dtype, fmt, with_bias, seed=0):
+    """(x, weight, bias) for conv tests: drawn in float64 from a seeded generator, rounded to ``dtype``, x in
+    memory format ``fmt``, all requiring grad; weight scaled by 1/sqrt(fan-in)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=gen)
+    weight = torch.randn(cout, cin, k, k, dtype=torch.float64, generator=gen) / (cin * k * k) ** 0.5
+    bias = torch.randn(cout, dtype=torch.float64, generator=gen) if with_bias else None
+    x = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    weight = weight.to(dtype).requires_grad_()
+    bias = bias.to(dtype).requires_grad_() if with_bias else None
+    return x, weight, bias
+
+
+def conv_params(x, weight, bias):
+    """The leaves a conv test differentiates: x, weight and (when present) bias."""
+    return [x, weight] + ([bias] if bias is not None else [])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import ptfast
 from ptfast.backends.torch import conv as torch_conv
 from ptfast.testing import record_dispatch
-from tests.helpers import assert_close64, assert_ran, assert_rule
+from tests.helpers import assert_close64, assert_ran, assert_rule, conv_inputs, conv_params
 from tests.oracles.conv import conv_relu_ref
 
 pytestmark = pytest.mark.interpreter
@@ -28,27 +28,12 @@ OP = "conv_relu_pool"
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _inputs(n, cin, cout, h, w, k, dtype, fmt, with_bias, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=gen)
-    weight = torch.randn(cout, cin, k, k, dtype=torch.float64, generator=gen) / (cin * k * k) ** 0.5
-    bias = torch.randn(cout, dtype=torch.float64, generator=gen) if with_bias else None
-    x = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
-    weight = weight.to(dtype).requires_grad_()
-    bias = bias.to(dtype).requires_grad_() if with_bias else None
-    return x, weight, bias
-
-
-def _params(x, weight, bias):
-    return [x, weight] + ([bias] if bias is not None else [])
-
-
 def _torch_same_dtype(x, weight, bias, padding, grad):
     """(out, *grads) of max_pool2d(relu(conv2d(...))) in x's dtype with PyTorch's own ops."""
     x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
     bias = bias.detach().requires_grad_() if bias is not None else None
     out = F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2, 2)
-    return (out.detach(), *torch.autograd.grad(out, _params(x, weight, bias), grad.to(out.dtype)))
+    return (out.detach(), *torch.autograd.grad(out, conv_params(x, weight, bias), grad.to(out.dtype)))
 
 
 def _oracle(x, weight, bias, padding, grad):
@@ -56,7 +41,7 @@ def _oracle(x, weight, bias, padding, grad):
     x, weight = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     bias = bias.detach().double().requires_grad_() if bias is not None else None
     out = conv_relu_ref(x, weight, bias, padding, pool=True)
-    return (out.detach(), *torch.autograd.grad(out, _params(x, weight, bias), grad.double()))
+    return (out.detach(), *torch.autograd.grad(out, conv_params(x, weight, bias), grad.double()))
 
 
 # Conv-output sizes: 7x9 (both floored), 5x5, 2x3 (a single pooled row/column); (k, padding) varies the conv.
@@ -66,11 +51,11 @@ def _oracle(x, weight, bias, padding, grad):
 @pytest.mark.parametrize(("hw", "k", "padding"), [((7, 9), 3, 1), ((7, 7), 3, 0), ((2, 3), 1, 0)])
 def test_conv_relu_pool_triton_matches_float64(dtype, layout, with_bias, hw, k, padding) -> None:
     fmt = FORMATS[layout]
-    x, weight, bias = _inputs(2, 3, 5, *hw, k, dtype, fmt, with_bias)
+    x, weight, bias = conv_inputs(2, 3, 5, *hw, k, dtype, fmt, with_bias)
     with ptfast.use_backend("triton"), record_dispatch() as events:
         out = ptfast.conv_relu_pool(x, weight, bias, padding=padding)
         grad = torch.randn_like(out)
-        grads = torch.autograd.grad(out, _params(x, weight, bias), grad)
+        grads = torch.autograd.grad(out, conv_params(x, weight, bias), grad)
     assert_ran(events, OP, "triton", ("forward", "backward"))
     assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
     hc, wc = hw[0] + 2 * padding - k + 1, hw[1] + 2 * padding - k + 1
@@ -138,7 +123,7 @@ def test_nan_propagates_and_matches_torch_backend(layout) -> None:
 
 @pytest.mark.parametrize("layout", list(FORMATS))
 def test_no_grad_and_frozen_weight(layout) -> None:
-    x, weight, bias = _inputs(2, 3, 5, 7, 9, 3, torch.float32, FORMATS[layout], True, seed=1)
+    x, weight, bias = conv_inputs(2, 3, 5, 7, 9, 3, torch.float32, FORMATS[layout], True, seed=1)
     with ptfast.use_backend("triton"):
         out_grad = ptfast.conv_relu_pool(x, weight, bias)
         with torch.no_grad():
@@ -151,7 +136,7 @@ def test_no_grad_and_frozen_weight(layout) -> None:
 
 
 def test_frozen_weight_dx_matches_oracle() -> None:
-    x, weight, bias = _inputs(2, 3, 5, 7, 9, 3, torch.float32, torch.channels_last, True, seed=2)
+    x, weight, bias = conv_inputs(2, 3, 5, 7, 9, 3, torch.float32, torch.channels_last, True, seed=2)
     w_frozen, b_frozen = weight.detach(), bias.detach()
     with ptfast.use_backend("triton"), record_dispatch() as events:
         out = ptfast.conv_relu_pool(x, w_frozen, b_frozen)
@@ -167,7 +152,7 @@ def test_frozen_weight_dx_matches_oracle() -> None:
 
 def test_too_small_conv_output_refused() -> None:
     # A 1x1 conv output has nothing to pool: the functional API refuses it before any backend runs.
-    x, weight, _ = _inputs(1, 3, 5, 3, 3, 3, torch.float32, torch.contiguous_format, False)
+    x, weight, _ = conv_inputs(1, 3, 5, 3, 3, 3, torch.float32, torch.contiguous_format, False)
     with ptfast.use_backend("triton"), pytest.raises(ValueError, match="too small"):
         ptfast.conv_relu_pool(x, weight, padding=0)
 

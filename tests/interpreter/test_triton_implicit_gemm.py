@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import ptfast
 from ptfast.backends.triton import conv_config
 from ptfast.testing import record_dispatch
-from tests.helpers import assert_close64, assert_ran, assert_rule
+from tests.helpers import assert_close64, assert_ran, assert_rule, conv_inputs, conv_params
 from tests.oracles.conv import conv_relu_ref
 from tests.test_nn_patch import tiny_vgg
 
@@ -28,35 +28,20 @@ pytestmark = pytest.mark.interpreter
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _inputs(n, cin, cout, h, w, k, dtype, fmt, with_bias, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=gen)
-    weight = torch.randn(cout, cin, k, k, dtype=torch.float64, generator=gen) / (cin * k * k) ** 0.5
-    bias = torch.randn(cout, dtype=torch.float64, generator=gen) if with_bias else None
-    x = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
-    weight = weight.to(dtype).requires_grad_()
-    bias = bias.to(dtype).requires_grad_() if with_bias else None
-    return x, weight, bias
-
-
-def _params(x, weight, bias):
-    return [x, weight] + ([bias] if bias is not None else [])
-
-
 def _torch_same_dtype(x, weight, bias, padding, pool, grad):
     x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
     bias = bias.detach().requires_grad_() if bias is not None else None
     out = F.relu(F.conv2d(x, weight, bias, padding=padding))
     if pool:
         out = F.max_pool2d(out, 2, 2)
-    return (out.detach(), *torch.autograd.grad(out, _params(x, weight, bias), grad.to(out.dtype)))
+    return (out.detach(), *torch.autograd.grad(out, conv_params(x, weight, bias), grad.to(out.dtype)))
 
 
 def _oracle(x, weight, bias, padding, pool, grad):
     x, weight = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     bias = bias.detach().double().requires_grad_() if bias is not None else None
     out = conv_relu_ref(x, weight, bias, padding, pool=pool)
-    return (out.detach(), *torch.autograd.grad(out, _params(x, weight, bias), grad.double()))
+    return (out.detach(), *torch.autograd.grad(out, conv_params(x, weight, bias), grad.double()))
 
 
 def _run(x, weight, bias, padding, pool, forward="implicit_gemm", dgrad="triton", wgrad="triton"):
@@ -65,7 +50,7 @@ def _run(x, weight, bias, padding, pool, forward="implicit_gemm", dgrad="triton"
     with ptfast.use_backend("triton"), conv_config.use_algos(forward, dgrad, wgrad), record_dispatch() as events:
         out = fn(x, weight, bias, padding=padding)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
-        grads = torch.autograd.grad(out, _params(x, weight, bias), grad)
+        grads = torch.autograd.grad(out, conv_params(x, weight, bias), grad)
     phases = ("forward", "backward", f"forward:{forward}", f"dgrad:{dgrad}", f"wgrad:{wgrad}")
     assert_ran(events, op, "triton", phases)
     return out, grads, grad
@@ -90,7 +75,7 @@ SHAPES = [
 def test_implicit_gemm_matches_float64(dtype, layout, pool, shape) -> None:
     n, cin, cout, h, w, k, padding = shape
     fmt = FORMATS[layout]
-    x, weight, bias = _inputs(n, cin, cout, h, w, k, dtype, fmt, with_bias=True)
+    x, weight, bias = conv_inputs(n, cin, cout, h, w, k, dtype, fmt, with_bias=True)
     out, grads, grad = _run(x, weight, bias, padding, pool)
     hc, wc = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     assert out.shape == ((n, cout, hc // 2, wc // 2) if pool else (n, cout, hc, wc))
@@ -115,7 +100,7 @@ def test_implicit_gemm_matches_float64(dtype, layout, pool, shape) -> None:
 @pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
 def test_every_algorithm_mix(forward, dgrad, wgrad, pool) -> None:
     # Both forwards save the same (out, argmax): any backward algorithm must follow either forward.
-    x, weight, bias = _inputs(2, 5, 19, 7, 9, 3, torch.float32, torch.channels_last, True, seed=5)
+    x, weight, bias = conv_inputs(2, 5, 19, 7, 9, 3, torch.float32, torch.channels_last, True, seed=5)
     out, grads, grad = _run(x, weight, bias, 1, pool, forward, dgrad, wgrad)
     for name, ours, ref in zip(
         ("out", "dx", "dw", "db"), (out, *grads), _oracle(x, weight, bias, 1, pool, grad), strict=True
@@ -125,7 +110,7 @@ def test_every_algorithm_mix(forward, dgrad, wgrad, pool) -> None:
 
 def test_dgrad_falls_back_to_cudnn_when_padding_exceeds_kernel() -> None:
     # padding > k - 1 has no stride-1 dgrad convolution (its padding would be negative): cuDNN computes dx.
-    x, weight, bias = _inputs(2, 5, 7, 6, 7, 1, torch.float32, torch.channels_last, True, seed=6)
+    x, weight, bias = conv_inputs(2, 5, 7, 6, 7, 1, torch.float32, torch.channels_last, True, seed=6)
     with ptfast.use_backend("triton"), conv_config.use_algos("implicit_gemm", "triton"), record_dispatch() as ev:
         out = ptfast.conv_relu(x, weight, bias, padding=1)
         grad = torch.randn_like(out)
@@ -218,7 +203,7 @@ def test_nan_propagates_like_pytorch(layout) -> None:
 
 
 def test_no_grad_forward_keeps_no_argmax() -> None:
-    x, weight, bias = _inputs(2, 5, 7, 9, 8, 3, torch.float32, torch.channels_last, True, seed=8)
+    x, weight, bias = conv_inputs(2, 5, 7, 9, 8, 3, torch.float32, torch.channels_last, True, seed=8)
     with ptfast.use_backend("triton"), conv_config.use_algos("implicit_gemm"):
         with_grad = ptfast.conv_relu_pool(x, weight, bias)
         with torch.no_grad():
