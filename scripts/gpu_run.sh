@@ -4,6 +4,9 @@
 #   bash scripts/gpu_run.sh setup                 # environment report + in-place install (builds csrc/ if nvcc)
 #   bash scripts/gpu_run.sh tests                 # + GPU test tier (python3 tests/run.py --gpu)
 #   bash scripts/gpu_run.sh bench [ARGS...]       # + python3 -m benchmarks.run --all --device cuda [ARGS...]
+#   bash scripts/gpu_run.sh convergence [ARGS...] # + python3 -m benchmarks.convergence --device cuda [ARGS...]
+#                                                 #   (e.g. --runs stock ptfast, then --runs stock-seed2: finished
+#                                                 #   runs are kept under benchmarks/results/ and reused)
 #   bash scripts/gpu_run.sh all [ARGS...]         # setup + tests + bench (may exceed one 10-minute command)
 #
 # Every phase prints nvidia-smi and the env report, installs only when setup.py/pyproject/csrc changed since
@@ -25,9 +28,9 @@ cd "$ROOT" || exit 2
 PHASE="${1:-all}"
 [[ $# -gt 0 ]] && shift
 case "$PHASE" in
-  setup|tests|bench|all) ;;
+  setup|tests|bench|convergence|all) ;;
   -h|--help|help) sed -n '2,18p' "$0"; exit 0 ;;
-  *) echo "usage: bash scripts/gpu_run.sh [setup|tests|bench|all] [extra benchmark args]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_run.sh [setup|tests|bench|convergence|all] [extra args]" >&2; exit 2 ;;
 esac
 
 PY="${PYTHON:-python3}"
@@ -65,7 +68,7 @@ pack() {
     || echo "[gpu_run] tar failed" >&2
   # Copies of the small logs (the archive + these stay under the 8-file limit of \$OUT).
   local f
-  for f in status.log env.log install.log tests.log bench.log; do
+  for f in status.log env.log install.log tests.log bench.log convergence.log; do
     if [[ -f "$LOGS/$f" && $(stat -c %s "$LOGS/$f") -lt 4000000 ]]; then cp "$LOGS/$f" "$OUT/$f"; fi
   done
 }
@@ -152,6 +155,15 @@ phase_bench() {
   record bench $?
 }
 
+phase_convergence() {
+  local t; t="$(left "$BENCH_TIMEOUT")"
+  if (( t < 90 )); then note "convergence: not started, only ${t}s left of this command"; record convergence 124; return; fi
+  local cmd=("$PY" -m benchmarks.convergence --device cuda "$@")
+  note "convergence: ${cmd[*]} (timeout ${t}s)"
+  timeout "$t" "${cmd[@]}" 2>&1 | tee -a "$LOGS/convergence.log"
+  record convergence $?
+}
+
 phase_env
 phase_install
 phase_wheels
@@ -159,6 +171,7 @@ case "$PHASE" in
   setup) ;;
   tests) phase_tests ;;
   bench) phase_bench "$@" ;;
+  convergence) phase_convergence "$@" ;;
   all) phase_tests; phase_bench "$@" ;;
 esac
 exit "$WORST"
