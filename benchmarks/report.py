@@ -86,7 +86,11 @@ def markdown(result: dict[str, Any]) -> str:
         if not ok:
             lines += ["No provider ran.", ""]
             continue
-        head = ["shape", "provider", "median ms", "p20–p80 ms", "TFLOP/s"]
+        head = ["shape", "provider", "median ms", "p20–p80 ms"]
+        items_col = f"{result['items_label']}/s" if result.get("items_label") else None
+        if items_col and any(r.get("items_per_s") for r in ok):
+            head.append(items_col)
+        head.append("TFLOP/s")
         if metric == "gbps" or any(r.get("gbps") for r in ok):
             head.append("GB/s")
         head += ["peak MiB"]
@@ -105,8 +109,10 @@ def markdown(result: dict[str, Any]) -> str:
                 name,
                 _fmt(t["median_ms"]),
                 f"{_fmt(t['p20_ms'])}–{_fmt(t['p80_ms'])}",
-                _fmt(r.get("tflops"), 3),
             ]
+            if items_col in head:
+                row.append(_fmt(r.get("items_per_s"), 4))
+            row.append(_fmt(r.get("tflops"), 3))
             if "GB/s" in head:
                 row.append(_fmt(r.get("gbps"), 3))
             row.append(_mib(r.get("peak_mem_bytes")))
@@ -156,6 +162,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"- {n}" for n in result["notes"]]
         lines.append("")
     lines += ["## Method", "", METHOD_TEXT, ""]
+    if result.get("step_doc"):
+        lines += [f"This op's step: {result['step_doc']}", ""]
     return "\n".join(lines)
 
 
@@ -167,6 +175,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     key, label = ("gbps", "GB/s") if result.get("metric") == "gbps" else ("tflops", "TFLOP/s")
+    if result.get("metric") == "items" and result.get("items_label"):
+        key, label = "items_per_s", f"{result['items_label']}/s"
     derived = set(result.get("best_of", {}))
     modes = list(dict.fromkeys(r["mode"] for r in result["results"]))
     data: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)

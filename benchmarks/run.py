@@ -31,11 +31,24 @@ from typing import Any
 import torch
 
 from benchmarks import env, report
-from benchmarks.common import DEFAULT_MODES, MODES, Case, Inputs, OpSpec, Options, Provider, Skip, tensor_bytes
+from benchmarks.common import (
+    DEFAULT_MODES,
+    MODES,
+    TRAIN_MODE,
+    Case,
+    Inputs,
+    OpSpec,
+    Options,
+    Provider,
+    Skip,
+    tensor_bytes,
+)
 from benchmarks.ops import REGISTRY, load
 from benchmarks.timing import Budget, L2Flusher, l2_cache_bytes, memory_use, plan_rotation, time_graph, time_steps
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Modes whose first output is compared across providers (the error column).
+COMPARED_MODES = ("fwd", "infer", TRAIN_MODE)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -64,7 +77,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="GLOB",
         help="only these providers (fnmatch globs, e.g. 'ptfast*' 'sdpa*')",
     )
-    ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(DEFAULT_MODES),
+        choices=list(MODES),
+        help="modes of the per-op specs; training-step ops (bert_mlm_step, vgg16_train_step) always run their "
+        f"own mode {TRAIN_MODE!r}",
+    )
     ap.add_argument("--cuda-graphs", action="store_true", help="also time small shapes under CUDA-graph replay")
     comp = ap.add_mutually_exclusive_group()
     comp.add_argument(
@@ -206,7 +226,7 @@ class Runner:
                     self.sync()
                 rec["first_call_s"] = round(time.perf_counter() - t0, 3)
             rec["dispatch"] = sorted({f"{op}:{backend}:{phase}" for op, backend, phase in events})
-            if mode in ("fwd", "infer") and not case.params.get("dropout"):
+            if mode in COMPARED_MODES and not case.params.get("dropout"):
                 canon = prov.canonical(case, sets[0], out) if prov.canonical else out
                 if isinstance(canon, torch.Tensor):
                     outputs.setdefault(prov.name, canon.detach())
@@ -242,12 +262,17 @@ def _throughput(rec: dict[str, Any], spec: OpSpec, case: Case) -> None:
     flops = spec.flops(case, rec["mode"] if rec["mode"] != "infer" else "fwd")
     nbytes = spec.bytes_moved(case, rec["mode"] if rec["mode"] != "infer" else "fwd") if spec.bytes_moved else None
     rec["flops"], rec["bytes"] = flops, nbytes
+    items = spec.items(case) if spec.items else None
+    if items:
+        rec["items"] = items
     for key, timing in (("", rec.get("timing")), ("graph_", rec.get("graph_timing"))):
         if not timing or not timing.get("median_ms"):
             continue
         sec = timing["median_ms"] * 1e-3
         rec[f"{key}tflops"] = flops / sec / 1e12 if flops else None
         rec[f"{key}gbps"] = nbytes / sec / 1e9 if nbytes else None
+        if items:
+            rec[f"{key}items_per_s"] = items / sec
 
 
 def _finish_case(spec: OpSpec, case: Case, recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor]) -> None:
@@ -282,7 +307,7 @@ def _finish_case(spec: OpSpec, case: Case, recs: list[dict[str, Any]], outputs: 
     ref = outputs[ref_name].float()
     denom = ref.norm().item() or 1.0
     for rec in recs:
-        if rec["status"] != "ok" or rec.get("derived_from") or rec["mode"] not in ("fwd", "infer"):
+        if rec["status"] != "ok" or rec.get("derived_from") or rec["mode"] not in COMPARED_MODES:
             continue
         out = outputs.get(rec["provider"])
         if out is not None and out.shape == ref.shape:
@@ -315,10 +340,14 @@ def run_op(
     opts = runner.opts
     cases = spec.cases(opts)
     providers = _select(spec.providers(opts), args.providers)
+    # A training-step op runs its own modes (spec.modes); every other op the --modes given.
+    modes = list(spec.modes) if spec.modes else list(args.modes)
     result: dict[str, Any] = {
         "op": spec.name,
         "title": spec.title,
         "metric": spec.metric,
+        "items_label": spec.items_label if spec.items else None,
+        "step_doc": spec.step_doc,
         "baseline": spec.baseline,
         "best_of": {k: list(v) for k, v in spec.best_of.items()},
         "notes": spec.notes,
@@ -333,7 +362,7 @@ def run_op(
             "max_autotune": opts.max_autotune,
             "cuda_graphs": opts.cuda_graphs,
             "deterministic": opts.deterministic,
-            "modes": args.modes,
+            "modes": modes,
             "budget": runner.budget.__dict__,
         },
         "timing_method": report.METHOD_TEXT,
@@ -354,12 +383,12 @@ def run_op(
                 reason = f"could not build inputs: {reason}"
                 recs = [
                     {"case": case.name, "provider": p.name, "mode": m, "status": status, "reason": reason}
-                    for m in args.modes
+                    for m in modes
                     for p in providers
                 ]
                 log(f"  {reason}")
                 sets = []
-            for mode in args.modes if sets else []:
+            for mode in modes if sets else []:
                 for prov in providers:
                     rec = runner.measure(spec, case, prov, mode, sets, flush, outputs)
                     recs.append(rec)
@@ -393,6 +422,8 @@ def _list(opts: Options) -> None:
     for name in REGISTRY:
         spec = load(name)
         log(f"{name}: {spec.title}  (baseline {spec.baseline})")
+        if spec.modes:
+            log(f"  modes {', '.join(spec.modes)}")
         for c in spec.cases(opts):
             log(f"  shape {c.name}")
         for p in spec.providers(opts):

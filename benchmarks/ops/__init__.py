@@ -13,6 +13,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "conv_relu": ("benchmarks.ops.conv", "spec_conv_relu"),
     "conv_relu_pool": ("benchmarks.ops.conv", "spec_conv_relu_pool"),
     "vgg16_features": ("benchmarks.ops.vgg", "spec"),
+    "bert_mlm_step": ("benchmarks.ops.bert_step", "spec"),
+    "vgg16_train_step": ("benchmarks.ops.vgg_step", "spec"),
 }
 
 
