@@ -1,9 +1,9 @@
-"""``python -m ptfast.demo``: run every ptfast op end to end next to its PyTorch reference and show which
+"""``python -m ptfast.demo --tour``: run every ptfast op end to end next to its PyTorch reference and show which
 backend ran each forward and backward.
 
-Until the full pretrain/fine-tune demo lands, this is the quick tour: attention (padding mask, causal,
-dropout), packed-sequence attention, the masked-LM loss with ignored rows, conv+ReLU(+pool), and a small
-VGG-style network patched with ``ptfast.patch`` trained for a few steps next to its stock twin.
+The quick tour (the full pretrain / fine-tune workflow is ``python -m ptfast.demo``): attention (padding mask,
+causal, dropout), packed-sequence attention, the masked-LM loss with ignored rows, conv+ReLU(+pool), and a
+small VGG-style network patched with ``ptfast.patch`` trained for a few steps next to its stock twin.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _vgg_steps(device: torch.device, steps: int) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ptfast.demo --tour", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--backend",

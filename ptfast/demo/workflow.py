@@ -1,0 +1,697 @@
+"""The pretrain-then-fine-tune workflow, stock PyTorch and ``ptfast.patch`` side by side.
+
+Three stages, each with a stock model and a deep copy patched with ``ptfast.patch`` (same initial weights, same
+batches in the same order, the same torch seed before each step):
+
+1. masked-LM pretraining of a small Hugging Face BERT on the docstrings of Python's standard library;
+2. fine-tuning that pretrained encoder (``BertForSequenceClassification``) to tell which module a docstring
+   comes from;
+3. a VGG-style CNN on scikit-learn's digits: a backbone pretrained on digits 0-4, then a new 10-way head trained
+   with the backbone frozen, then everything unfrozen.
+
+Each stage first runs a short *parity phase* in fp32 with every dropout at 0 (training mode, so the patched
+BERT takes its fused masked-LM path), where the two loss sequences must agree step by step; then the real
+training with dropout on, where ptfast's attention dropout draws from its own generator, so the two runs are
+compared as curves. ``ptfast.testing.record_dispatch`` shows which ptfast ops and backends ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptfast
+from ptfast.demo import data as D
+from ptfast.demo import report
+from ptfast.demo.models import VGG, bert_config, set_dropout
+from ptfast.testing import record_dispatch
+
+NAMES = ("stock", "ptfast")
+
+# Model and batch sizes; steps are (parity, masked-LM, classification, CNN pretrain, CNN frozen, CNN unfrozen).
+SIZES: dict[str, dict] = {
+    "tiny": dict(
+        vocab=1000, hidden=64, layers=2, heads=2, intermediate=128, max_len=64, mlm_batch=8, cls_batch=8,
+        mlm_lr=1e-3, cls_lr=5e-4,
+        cnn=[8, 8, "M", 16, "M", 32, "M"], cnn_hidden=64, cnn_lr=(2e-3, 2e-3, 1e-3), image=32, cnn_batch=32,
+        steps=(2, 4, 4, 3, 2, 3),
+    ),
+    "small": dict(
+        vocab=4000, hidden=128, layers=2, heads=2, intermediate=256, max_len=128, mlm_batch=16, cls_batch=16,
+        mlm_lr=1e-3, cls_lr=1e-3,
+        cnn=[16, 16, "M", 32, 32, "M", 64, "M"], cnn_hidden=128, cnn_lr=(2e-3, 2e-3, 1e-3), image=32, cnn_batch=64,
+        steps=(6, 160, 100, 70, 30, 70),
+    ),
+    "base": dict(
+        vocab=8000, hidden=768, layers=12, heads=12, intermediate=3072, max_len=128, mlm_batch=64, cls_batch=32,
+        mlm_lr=2e-4, cls_lr=5e-5,
+        cnn=[64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], cnn_hidden=1024,
+        cnn_lr=(5e-4, 1e-3, 2e-4), image=64, cnn_batch=128,
+        steps=(10, 400, 200, 150, 100, 150),
+    ),
+}  # fmt: skip
+STAGE_TITLES = {
+    "pretrain": "1. masked-LM pretraining (BERT, stdlib docstrings)",
+    "classify": "2. fine-tuning: which stdlib module is this docstring from?",
+    "cnn": "3. VGG-style CNN: pretrain on digits 0-4, fine-tune on 0-9 (frozen, then unfrozen)",
+}
+SMOKE_STEPS = (2, 3, 3, 2, 2, 2)
+
+
+# --- environment ------------------------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class Env:
+    device: torch.device
+    device_name: str
+    amp: bool  # bf16 autocast in the main phases (CUDA)
+    channels_last: bool
+    progress: bool
+    seed: int
+    backend: str
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self, enabled: bool):
+        if enabled and self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def exact_fp32(self):
+        """fp32 without TF32 (cuDNN convolutions and matmuls) for the parity phases."""
+        if not self.cuda:
+            yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# --- results ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """Per-step losses, step times and (CUDA) peak step memory of both models over one or more sub-phases."""
+
+    losses: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in NAMES})
+    times: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in NAMES})
+    mem: dict[str, list[int]] = field(default_factory=lambda: {n: [] for n in NAMES})
+    boundaries: list[tuple[int, str]] = field(default_factory=list)  # (first step, sub-phase name)
+
+    def max_abs_diff(self) -> float:
+        a, b = self.losses["stock"], self.losses["ptfast"]
+        return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+@dataclass
+class Stage:
+    key: str
+    title: str
+    parity: Phase = field(default_factory=Phase)
+    main: Phase = field(default_factory=Phase)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {stock, ptfast}
+    baselines: dict[str, tuple[str, float]] = field(default_factory=dict)  # metric -> (what, value)
+    dispatch: dict[str, Counter] = field(default_factory=lambda: {n: Counter() for n in NAMES})
+    patch_report: list[str] = field(default_factory=list)
+    control_losses: list[float] = field(default_factory=list)  # a stock-only control run, if any
+    control_metrics: dict[str, float] = field(default_factory=dict)
+    control_what: str = ""
+    elapsed: float = 0.0
+    details: list[str] = field(default_factory=list)
+
+
+# --- side-by-side training --------------------------------------------------------------------------------
+
+
+def _linear_schedule(opt: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.1):
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_side_by_side(
+    env: Env,
+    stage: Stage,
+    phase: Phase,
+    label: str,
+    models: dict[str, nn.Module],
+    make_opt,
+    steps: int,
+    loss_fn,
+    *,
+    amp: bool,
+    seed: int,
+    schedule: bool = True,
+) -> None:
+    """Train both models ``steps`` steps on the same batches, alternating which goes first each step.
+
+    Before each model's step the torch seed is set to ``seed + step``, so any random draw starts from the same
+    generator state for both; losses, step times and (CUDA) peak step memory are appended to ``phase``.
+    """
+    from tqdm.auto import tqdm
+
+    opts = {n: make_opt(models[n]) for n in NAMES}
+    scheds = {n: _linear_schedule(opts[n], steps) if schedule else None for n in NAMES}
+    phase.boundaries.append((len(phase.losses["stock"]), label))
+    bar = tqdm(total=steps, desc=f"{stage.key}: {label}", disable=not env.progress, leave=False, dynamic_ncols=True)
+    for i in range(steps):
+        for name in NAMES if i % 2 == 0 else NAMES[::-1]:
+            model, opt = models[name], opts[name]
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(seed + i)
+            if env.cuda:
+                env.sync()
+                torch.cuda.reset_peak_memory_stats(env.device)
+                resident = torch.cuda.memory_allocated(env.device)
+            start = time.perf_counter()
+            with record_dispatch() as events:
+                with env.autocast(amp):
+                    loss = loss_fn(model, i)
+                loss.backward()
+                opt.step()
+            value = loss.item()
+            env.sync()
+            phase.times[name].append(time.perf_counter() - start)
+            if env.cuda:
+                phase.mem[name].append(torch.cuda.max_memory_allocated(env.device) - resident)
+            if scheds[name] is not None:
+                scheds[name].step()
+            if not math.isfinite(value):
+                raise RuntimeError(f"{stage.key} {label}: {name} loss is {value} at step {i}")
+            phase.losses[name].append(value)
+            stage.dispatch[name].update((op, backend, kind) for op, backend, kind in events)
+        bar.set_postfix(stock=f"{phase.losses['stock'][-1]:.4f}", ptfast=f"{phase.losses['ptfast'][-1]:.4f}")
+        bar.update()
+    bar.close()
+
+
+def train_single(env: Env, model: nn.Module, make_opt, steps: int, loss_fn, *, amp: bool, seed: int, label: str):
+    """Train one (stock) model like :func:`train_side_by_side` does; returns its losses."""
+    from tqdm.auto import tqdm
+
+    opt = make_opt(model)
+    sched = _linear_schedule(opt, steps)
+    losses = []
+    for i in tqdm(range(steps), desc=label, disable=not env.progress, leave=False, dynamic_ncols=True):
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(seed + i)
+        with env.autocast(amp):
+            loss = loss_fn(model, i)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _twins(env: Env, stock: nn.Module, stage: Stage, *, record: bool = True) -> dict[str, nn.Module]:
+    """The stock model and a deep copy patched with ptfast (same weights); the patch report goes on ``stage``."""
+    fast = ptfast.patch(copy.deepcopy(stock))
+    if record and not stage.patch_report:
+        stage.patch_report = [
+            *fast.ptfast_patch_report.replaced,
+            *(f"kept: {s}" for s in fast.ptfast_patch_report.skipped),
+        ]
+    return {"stock": stock, "ptfast": fast}
+
+
+def _adamw(lr: float, weight_decay: float = 0.01):
+    return lambda model: torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --- stage 1: masked-LM pretraining ------------------------------------------------------------------------
+
+
+@dataclass
+class TextData:
+    docs: list[D.Doc]
+    missing: list[str]
+    cls: D.ClassificationData
+    tokenizer: object
+    vocab_size: int
+    examples: list[list[int]]
+    heldout: list[list[int]]
+    pretrain_docs: int
+
+
+def prepare_text(size: dict, seed: int) -> TextData:
+    docs, missing = D.collect_docs()
+    cls = D.classification_split(docs, val_fraction=0.2, seed=seed)
+    held_out = set(cls.val_texts)
+    # Validation docstrings of the classification task never reach pretraining (compared scrubbed, as split).
+    pretrain = [d for d in docs if not (d.module in cls.labels and D.scrub_module_name(d.text, d.module) in held_out)]
+    tokenizer = D.train_tokenizer([d.text for d in pretrain], size["vocab"])
+    paragraphs = [p for d in pretrain for p in D.paragraphs(d.text)]
+    examples = D.pack_examples(D.encode(tokenizer, paragraphs), size["max_len"], seed)
+    heldout_paragraphs = [p for t in cls.val_texts for p in D.paragraphs(t)]
+    heldout = D.pack_examples(D.encode(tokenizer, heldout_paragraphs), size["max_len"], seed + 7)
+    return TextData(docs, missing, cls, tokenizer, tokenizer.get_vocab_size(), examples, heldout, len(pretrain))
+
+
+def _to(batch: D.MLMBatch, device: torch.device) -> D.MLMBatch:
+    return D.MLMBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device))
+
+
+@torch.no_grad()
+def _mlm_eval(env: Env, model: nn.Module, batches: list[D.MLMBatch]) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        with env.autocast(True):
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten(), reduction="sum").item()
+        count += int((b.labels != D.IGNORE_INDEX).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def stage_pretrain(env: Env, size: dict, steps: tuple[int, ...], text: TextData) -> tuple[Stage, nn.Module]:
+    from transformers import BertForMaskedLM
+
+    stage = Stage("pretrain", STAGE_TITLES["pretrain"])
+    parity_steps, mlm_steps = steps[0], steps[1]
+    batches = [
+        _to(b, env.device)
+        for b in D.mlm_batches(text.examples, size["mlm_batch"], mlm_steps, text.vocab_size, env.seed)
+    ]
+    eval_gen = torch.Generator().manual_seed(env.seed + 99)
+    eval_batches = []
+    for start in range(0, len(text.heldout), 32):
+        ids, mask = D.pad_batch(text.heldout[start : start + 32])
+        masked, labels = D.mask_tokens(ids, mask, text.vocab_size, eval_gen)
+        eval_batches.append(_to(D.MLMBatch(masked, mask, labels), env.device))
+    config = bert_config(
+        text.vocab_size, size["hidden"], size["layers"], size["heads"], size["intermediate"], size["max_len"], 0.1
+    )
+    torch.manual_seed(env.seed)
+    init = BertForMaskedLM(config).to(env.device)
+    n_params = sum(p.numel() for p in init.parameters())
+    lengths = [len(e) for e in text.examples]
+    stage.details += [
+        f"BertForMaskedLM: hidden {size['hidden']}, {size['layers']} layers, {size['heads']} heads, intermediate "
+        f"{size['intermediate']}, vocab {text.vocab_size} ({n_params / 1e6:.2f} M parameters), stock attention "
+        f"'sdpa'",
+        f"data: {text.pretrain_docs} docstrings -> {len(text.examples)} packed examples of {min(lengths)}-"
+        f"{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}); batch {size['mlm_batch']}, padded to the "
+        f"longest example (multiple of 8), 15% masked (80/10/10)",
+        f"AdamW lr {size['mlm_lr']}, 10% warmup then linear decay; held-out set: {len(text.heldout)} examples "
+        "packed from the classification task's validation docstrings (never seen in pretraining)",
+    ]
+
+    def loss_fn(model: nn.Module, i: int) -> torch.Tensor:
+        b = batches[i % len(batches)]
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+
+    parity_stock = copy.deepcopy(init)
+    set_dropout(parity_stock, 0.0)
+    with env.exact_fp32():
+        train_side_by_side(
+            env, stage, stage.parity, "parity (fp32, dropout 0)", _twins(env, parity_stock, stage),
+            _adamw(size["mlm_lr"]), parity_steps, loss_fn, amp=False, seed=env.seed * 1000, schedule=False,
+        )  # fmt: skip
+    del parity_stock
+    models = _twins(env, init, stage, record=False)
+    train_side_by_side(
+        env, stage, stage.main, "train (dropout 0.1)", models, _adamw(size["mlm_lr"]), mlm_steps, loss_fn,
+        amp=True, seed=env.seed * 1000 + 500_000,
+    )  # fmt: skip
+    stage.metrics["held-out masked-LM loss"] = {n: _mlm_eval(env, models[n], eval_batches) for n in NAMES}
+    stage.baselines["held-out masked-LM loss"] = ("uniform guess", math.log(text.vocab_size))
+    drift = max(
+        (a - b).abs().max().item()
+        for a, b in zip(models["stock"].bert.parameters(), models["ptfast"].bert.parameters(), strict=True)
+    )
+    stage.details.append(f"after training: max |stock - ptfast| over the encoder's weights = {drift:.2e}")
+    return stage, models["stock"]
+
+
+# --- stage 2: classification fine-tuning -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _accuracy(env: Env, model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> float:
+    model.eval()
+    correct = total = 0
+    for *inputs, y in batches:
+        with env.autocast(True):
+            out = model(*inputs)
+        logits = out.logits if hasattr(out, "logits") else out
+        correct += int((logits.argmax(-1) == y).sum())
+        total += y.numel()
+    model.train()
+    return correct / max(total, 1)
+
+
+def stage_finetune_text(env: Env, size: dict, steps: tuple[int, ...], text: TextData, pretrained: nn.Module) -> Stage:
+    from transformers import BertForSequenceClassification
+
+    stage = Stage("classify", STAGE_TITLES["classify"])
+    parity_steps, cls_steps = steps[0], steps[2]
+    cls = text.cls
+    train_ex = D.classification_examples(text.tokenizer, cls.train_texts, size["max_len"])
+    val_ex = D.classification_examples(text.tokenizer, cls.val_texts, size["max_len"])
+    train_y = torch.tensor(cls.train_y, device=env.device)
+    batches = []
+    for idx in D.classification_batches(len(train_ex), size["cls_batch"], cls_steps, env.seed + 2):
+        ids, mask = D.pad_batch([train_ex[i] for i in idx])
+        batches.append((ids.to(env.device), mask.to(env.device), train_y[idx]))
+    val_batches = []
+    for start in range(0, len(val_ex), 64):
+        ids, mask = D.pad_batch(val_ex[start : start + 64])
+        y = torch.tensor(cls.val_y[start : start + 64], device=env.device)
+        val_batches.append((ids.to(env.device), mask.to(env.device), y))
+    config = copy.deepcopy(pretrained.config)
+    config.num_labels = len(cls.labels)
+    torch.manual_seed(env.seed + 1)
+    init = BertForSequenceClassification(config).to(env.device)
+    missing, unexpected = init.bert.load_state_dict(pretrained.bert.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"encoder weights did not transfer: missing {missing}, unexpected {unexpected}")
+    majority = Counter(cls.val_y).most_common(1)[0][1] / len(cls.val_y)
+    stage.baselines["validation accuracy"] = ("majority", majority)
+    stage.details += [
+        f"BertForSequenceClassification, {len(cls.labels)} classes ({', '.join(cls.labels)}); encoder from the "
+        "stock model of stage 1 (both twins start from it), pooler and classifier freshly initialized",
+        f"data: {len(train_ex)} train / {len(val_ex)} validation docstrings (split per module), first "
+        f"{size['max_len']} tokens, the module's own name removed from the text; batch {size['cls_batch']}",
+        f"AdamW lr {size['cls_lr']}, 10% warmup then linear decay; majority-class baseline {majority:.1%}",
+        "control (stock only, not part of the comparison): the same classifier with a randomly initialized encoder, "
+        "same batches, schedule and seeds, to show what the pretraining of stage 1 bought",
+    ]
+    stage.control_what = "control without pretraining"
+
+    def loss_fn(model: nn.Module, i: int) -> torch.Tensor:
+        ids, mask, y = batches[i % len(batches)]
+        return model(input_ids=ids, attention_mask=mask, labels=y).loss
+
+    parity_stock = copy.deepcopy(init)
+    set_dropout(parity_stock, 0.0)
+    with env.exact_fp32():
+        train_side_by_side(
+            env, stage, stage.parity, "parity (fp32, dropout 0)", _twins(env, parity_stock, stage),
+            _adamw(size["cls_lr"]), parity_steps, loss_fn, amp=False, seed=env.seed * 1000 + 1, schedule=False,
+        )  # fmt: skip
+    del parity_stock
+    models = _twins(env, init, stage, record=False)
+    train_side_by_side(
+        env, stage, stage.main, "train (dropout 0.1)", models, _adamw(size["cls_lr"]), cls_steps, loss_fn,
+        amp=True, seed=env.seed * 1000 + 600_000,
+    )  # fmt: skip
+    stage.metrics["validation accuracy"] = {n: _accuracy(env, models[n], val_batches) for n in NAMES}
+    del models
+    # Control: what the pretraining bought. The same classifier from a randomly initialized encoder (stock only),
+    # trained on the same batches with the same schedule and seeds.
+    torch.manual_seed(env.seed + 1)
+    scratch = BertForSequenceClassification(config).to(env.device)
+    stage.control_losses = train_single(
+        env, scratch, _adamw(size["cls_lr"]), cls_steps, loss_fn, amp=True, seed=env.seed * 1000 + 600_000,
+        label="control: encoder not pretrained",
+    )  # fmt: skip
+    control = stage.control_metrics["validation accuracy"] = _accuracy(env, scratch, val_batches)
+    twins = statistics.mean(stage.metrics["validation accuracy"].values())
+    stage.details.append(
+        f"with {steps[1]} steps of masked-LM pretraining, the pretrained twins reach {twins:.1%} validation accuracy "
+        f"(mean of the two) against {control:.1%} for the control: the pretrained encoder "
+        + ("beat" if twins > control else "did not beat")
+        + " the control at this budget (a short pretraining that has mostly learned token frequencies can be worse "
+        "than none; the validation set is small, so a few points are noise)"
+    )
+    return stage
+
+
+# --- stage 3: VGG-style CNN on digits ------------------------------------------------------------------------
+
+
+def stage_cnn(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
+    stage = Stage("cnn", STAGE_TITLES["cnn"])
+    parity_steps, pre_steps, frozen_steps, unfrozen_steps = steps[0], steps[3], steps[4], steps[5]
+    x_train, y_train, x_test, y_test = D.load_digits_images(size["image"], env.seed)
+    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
+    x_train = x_train.to(env.device).contiguous(memory_format=fmt)
+    x_test = x_test.to(env.device).contiguous(memory_format=fmt)
+    y_train, y_test = y_train.to(env.device), y_test.to(env.device)
+    half = (y_train < 5).nonzero().squeeze(1)
+    bs, lrs = size["cnn_batch"], size["cnn_lr"]
+
+    def batches(pool: torch.Tensor, n_steps: int, seed: int) -> list[torch.Tensor]:
+        return [
+            pool[torch.tensor(idx, device=pool.device)]
+            for idx in D.classification_batches(len(pool), bs, n_steps, seed)
+        ]
+
+    everything = torch.arange(len(y_train), device=env.device)
+    torch.manual_seed(env.seed + 3)
+    init = VGG(size["cnn"], num_classes=5, hidden=size["cnn_hidden"]).to(env.device, memory_format=fmt)
+    new_head = nn.Linear(init.classifier[-1].in_features, 10).to(env.device)
+    test_batches = [(x_test[i : i + 256], y_test[i : i + 256]) for i in range(0, len(y_test), 256)]
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in init.features)
+    stage.details += [
+        f"VGG layout built in code: features {size['cnn']} ({n_conv} Conv2d 3x3 + ReLU, 'M' = MaxPool2d(2, 2)), "
+        f"avgpool (2, 2), classifier Linear-ReLU-Dropout(0.5) x2 + Linear; "
+        f"{sum(p.numel() for p in init.parameters()) / 1e6:.2f} M parameters",
+        f"data: scikit-learn digits (1,797 8x8 images) upscaled to {size['image']}x{size['image']}, split per class "
+        f"{len(y_train)} train / {len(y_test)} test; batch {bs}" + (", channels_last" if env.channels_last else ""),
+        f"schedule: {pre_steps} steps on digits 0-4 (5-way head, AdamW {lrs[0]}), new 10-way head, {frozen_steps} "
+        f"steps with the backbone frozen (head only, AdamW {lrs[1]}), {unfrozen_steps} steps unfrozen (AdamW {lrs[2]});"
+        " each with 10% warmup then linear decay",
+    ]
+
+    def run(phase: Phase, models: dict[str, nn.Module], counts: tuple[int, int, int], amp: bool, seed: int, tag: str):
+        sched = tag == ""
+        pre = batches(half, counts[0], env.seed + 10)
+        fine = batches(everything, counts[1] + counts[2], env.seed + 11)
+
+        def loss_on(pool):
+            return lambda model, i: F.cross_entropy(
+                model(x_train[pool[i]].contiguous(memory_format=fmt)), y_train[pool[i]]
+            )
+
+        train_side_by_side(
+            env, stage, phase, f"pretrain 0-4{tag}", models, _adamw(lrs[0]), counts[0], loss_on(pre), amp=amp,
+            seed=seed, schedule=sched,
+        )  # fmt: skip
+        for model in models.values():
+            model.classifier[-1] = copy.deepcopy(new_head)
+            model.features.requires_grad_(False)
+        train_side_by_side(
+            env, stage, phase, f"frozen backbone{tag}", models, _adamw(lrs[1]), counts[1], loss_on(fine), amp=amp,
+            seed=seed + 10_000, schedule=sched,
+        )  # fmt: skip
+        frozen_acc = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+        for model in models.values():
+            model.features.requires_grad_(True)
+        shifted = fine[counts[1] :]
+        train_side_by_side(
+            env, stage, phase, f"unfrozen{tag}", models, _adamw(lrs[2]), counts[2], loss_on(shifted), amp=amp,
+            seed=seed + 20_000, schedule=sched,
+        )  # fmt: skip
+        return frozen_acc
+
+    parity_stock = copy.deepcopy(init)
+    set_dropout(parity_stock, 0.0)
+    with env.exact_fp32():
+        run(
+            stage.parity, _twins(env, parity_stock, stage), (parity_steps,) * 3, False, env.seed * 1000 + 2, " (parity)"
+        )
+    del parity_stock
+    models = _twins(env, init, stage, record=False)
+    frozen_acc = run(stage.main, models, (pre_steps, frozen_steps, unfrozen_steps), True, env.seed * 1000 + 700_000, "")
+    stage.metrics["test accuracy after the frozen phase"] = frozen_acc
+    stage.metrics["test accuracy"] = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+    stage.baselines["test accuracy"] = ("chance", 0.1)
+    return stage
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def _finish(stage: Stage, env: Env, t0: float) -> Stage:
+    stage.elapsed = time.perf_counter() - t0
+    report.print_stage(stage, env)
+    return stage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ptfast.demo",
+        description="Pretrain a small BERT with a masked-LM loss, fine-tune it, and fine-tune a VGG-style CNN: "
+        "stock PyTorch and ptfast.patch side by side (parity check, loss curves, step time, memory, which ptfast "
+        "backend ran). `python -m ptfast.demo --tour` runs the quick op-by-op tour instead.",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--size", choices=list(SIZES), default=None, help="model sizes (default: small on CPU, base on CUDA)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps of every stage (overrides the size's)")
+    p.add_argument("--mlm-steps", type=int, default=None, help="masked-LM pretraining steps")
+    p.add_argument("--cls-steps", type=int, default=None, help="classification fine-tuning steps")
+    p.add_argument("--cnn-steps", type=int, default=None, help="CNN steps of each of its three phases")
+    p.add_argument("--parity-steps", type=int, default=None, help="steps of each parity phase (dropout off)")
+    p.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default=None,
+                   help="ptfast backend (default: PTFAST_BACKEND or auto)")  # fmt: skip
+    p.add_argument("--no-amp", action="store_true", help="CUDA: train in fp32 instead of bf16 autocast")
+    p.add_argument("--out", default="ptfast_demo_out", help="folder for report.md and loss_curves.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="CI mode: tiny sizes and a few steps of every stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is no TTY)")
+    p.add_argument(
+        "--tour", action="store_true", help="run the quick op-by-op tour instead (other flags: --help there)"
+    )
+    return p
+
+
+def resolve_steps(args: argparse.Namespace, size_name: str) -> tuple[int, ...]:
+    parity, mlm, cls, pre, frozen, unfrozen = SMOKE_STEPS if args.smoke else SIZES[size_name]["steps"]
+    if args.steps is not None:
+        mlm = cls = pre = frozen = unfrozen = args.steps
+    mlm = args.mlm_steps if args.mlm_steps is not None else mlm
+    cls = args.cls_steps if args.cls_steps is not None else cls
+    if args.cnn_steps is not None:
+        pre = frozen = unfrozen = args.cnn_steps
+    parity = args.parity_steps if args.parity_steps is not None else parity
+    steps = (parity, mlm, cls, pre, frozen, unfrozen)
+    if min(steps) < 1:
+        raise SystemExit("python -m ptfast.demo: every step count must be at least 1")
+    return steps
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("python -m ptfast.demo: --device cuda asked for, but torch sees no CUDA GPU")
+    size_name = args.size or ("tiny" if args.smoke else "base" if device.type == "cuda" else "small")
+    size = SIZES[size_name]
+    steps = resolve_steps(args, size_name)
+    backend = args.backend or ptfast.requested_backend()
+    env = Env(
+        device=device,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {_cpu_name()}",
+        amp=device.type == "cuda" and not args.no_amp,
+        channels_last=device.type == "cuda",
+        progress=not args.no_progress and sys.stderr.isatty(),
+        seed=args.seed,
+        backend=backend,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    t_start = time.perf_counter()
+    precision = "bf16 autocast" if env.amp else "fp32"
+    _say(
+        f"ptfast {ptfast.__version__} | torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"{env.device_name} ({torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else f"ptfast {ptfast.__version__} | torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"{env.device_name}"
+    )
+    _say(
+        f"size {size_name} | steps: parity {steps[0]}, masked-LM {steps[1]}, classification {steps[2]}, "
+        f"CNN {steps[3]}+{steps[4]}+{steps[5]} | {precision} | ptfast backend {backend} | seed {args.seed}"
+    )
+    if device.type == "cpu":
+        _say("on CPU every ptfast op runs its `torch` backend (plain PyTorch): CPU timings are no performance claim")
+    torch.manual_seed(args.seed)
+    stages: list[Stage] = []
+    with ptfast.use_backend(backend):
+        _say("\npreparing text: stdlib docstrings, WordPiece vocabulary, packed examples ...")
+        t0 = time.perf_counter()
+        text = prepare_text(size, args.seed)
+        _say(
+            f"  {len(text.docs)} docstrings from {len(D.CORPUS_MODULES) - len(text.missing)} modules"
+            + (f" (missing here: {', '.join(text.missing)})" if text.missing else "")
+            + f"; vocab {text.vocab_size}; {len(text.examples)} pretraining examples ({time.perf_counter() - t0:.1f} s)"
+        )
+        t0 = time.perf_counter()
+        _say(f"\n{STAGE_TITLES['pretrain']}")
+        stage, pretrained = stage_pretrain(env, size, steps, text)
+        stages.append(_finish(stage, env, t0))
+        t0 = time.perf_counter()
+        _say(f"\n{STAGE_TITLES['classify']}")
+        stages.append(_finish(stage_finetune_text(env, size, steps, text, pretrained), env, t0))
+        del pretrained
+        t0 = time.perf_counter()
+        _say(f"\n{STAGE_TITLES['cnn']}")
+        stages.append(_finish(stage_cnn(env, size, steps), env, t0))
+    elapsed = time.perf_counter() - t_start
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # Windows
+        rss = float("nan")
+    info = report.RunInfo(
+        command="python -m ptfast.demo "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        env=env,
+        size_name=size_name,
+        size=size,
+        steps=steps,
+        precision=precision,
+        elapsed=elapsed,
+        max_rss_mib=rss,
+        text_summary=(
+            f"{len(text.docs)} docstrings from {len(D.CORPUS_MODULES) - len(text.missing)} standard-library modules"
+            + (f" (missing from this Python: {', '.join(text.missing)})" if text.missing else "")
+            + f", Python {platform.python_version()}; WordPiece vocabulary of {text.vocab_size}"
+        ),
+    )
+    png = report.plot(stages, out / "loss_curves.png", info)
+    md = report.write_markdown(stages, out / "report.md", info, png)
+    report.write_json(stages, out / "results.json", info)
+    _say("\n" + report.summary_table(stages, env))
+    ok = all(report.parity_ok(s, env) for s in stages)
+    _say(f"\nreport: {md}\nplot:   {png}\n{'parity ok' if ok else 'PARITY MISMATCH'} | total {elapsed:.1f} s")
+    return 0 if ok else 1
