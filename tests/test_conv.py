@@ -179,8 +179,10 @@ def test_compile_fullgraph_matches_eager(pool):
 
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("need_argmax", [False, True])
-def test_opcheck(pool, need_argmax):
-    x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_opcheck(pool, need_argmax, channels_last):
+    # channels_last: the backward's fake kernel must promise dx in x's layout (it once said contiguous).
+    x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8, channels_last=channels_last)
     weight.requires_grad_()
     opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, 1, pool, need_argmax and pool, "torch"))
     out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, 1, pool, pool, "torch")

@@ -5,7 +5,8 @@ Registered ops (one definition each, all backends behind them):
 * ``ptfast::conv_relu(x, weight, bias, padding, pool, need_argmax, backend) -> (out, argmax)``
   ``out``: ``(N, Cout, Hc, Wc)`` or pooled ``(N, Cout, Hc//2, Wc//2)`` in x's memory format;
   ``argmax``: uint8 window offset (row-major 0..3) per pooled element, or an empty tensor when not needed.
-* ``ptfast::conv_relu_backward(...) -> (dx, dweight, dbias)`` (empty tensors for gradients not asked for).
+* ``ptfast::conv_relu_backward(...) -> (dx, dweight, dbias)`` (empty tensors for gradients not asked for); dx in
+  the output's memory format (x's), dweight in weight's.
 
 Autocast: x, weight and bias are cast to the autocast dtype (like ``conv2d``); the output has that dtype.
 """
@@ -71,17 +72,21 @@ def _conv_relu_backward_op(
         grad, out, argmax, x, weight, x_shape, padding, pool, (need_dx, need_dweight, need_dbias)
     )
     empty = weight.new_empty(0)
+    # One layout whatever the backend picked (the fake kernel promises it to torch.compile): dx in the output's
+    # memory format (x's), dweight in weight's. No-ops when the backend already returned them so.
     return (
-        dx if need_dx else empty,
-        dw if need_dweight else empty.clone(),
+        dx.contiguous(memory_format=torch_conv.memory_format(out)) if need_dx else empty,
+        dw.contiguous(memory_format=torch_conv.memory_format(weight)) if need_dweight else empty.clone(),
         db if need_dbias else empty.clone(),
     )
 
 
 @_conv_relu_backward_op.register_fake
 def _(grad, out, argmax, x, weight, x_shape, padding, pool, need_dx, need_dweight, need_dbias, backend):
-    dx = weight.new_empty(x_shape) if need_dx else weight.new_empty(0)
-    dw = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
+    like = dict(dtype=weight.dtype, device=weight.device)
+    dx = torch.empty(x_shape, **like, memory_format=torch_conv.memory_format(out)) if need_dx else weight.new_empty(0)
+    fmt_w = torch_conv.memory_format(weight)
+    dw = torch.empty(weight.shape, **like, memory_format=fmt_w) if need_dweight else weight.new_empty(0)
     db = weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0)
     return dx, dw, db
 
