@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptfast.integrations import has_hooks
 from ptfast.ops.masked_lm_loss import masked_lm_loss
 
 __all__ = ["DEFAULT_ROW_BUDGET", "PatchedMLMForward", "mlm_head_loss", "patch_model", "row_budget"]
@@ -133,7 +134,7 @@ def _hooks_under(module: nn.Module) -> bool:
         g._global_backward_hooks,
         g._global_backward_pre_hooks,
     )
-    return any(global_hooks) or any(_has_hooks(m) for m in module.modules())
+    return any(global_hooks) or any(has_hooks(m) for m in module.modules())
 
 
 def _static_rows_loss(
@@ -421,12 +422,6 @@ class PatchedMLMForward:
 # --- patching ---------------------------------------------------------------------------------------------
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None)
-    )
-
-
 def _stock_kind(model: nn.Module) -> tuple[str | None, str]:
     """``(kind, "")`` for a model whose forward is a stock one this module re-implements, else ``(None, why)``."""
     import transformers
@@ -467,8 +462,8 @@ def _patch_head(model: nn.Module, row_budget_fraction: float | None, replaced: l
     if predictions is None:
         skipped.append(f"{kind} head: no cls.predictions with a transform and an nn.Linear decoder")
         return
-    hooked = [n for n, m in (("cls", model.cls), ("cls.predictions", predictions)) if _has_hooks(m)]
-    if _has_hooks(predictions.decoder):
+    hooked = [n for n, m in (("cls", model.cls), ("cls.predictions", predictions)) if has_hooks(m)]
+    if has_hooks(predictions.decoder):
         hooked.append("cls.predictions.decoder")
     if hooked:
         skipped.append(f"cls.predictions (masked-LM head): hooks on {', '.join(hooked)} would not fire")

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Packed", "UnpaddedBertForward", "pack", "packed_encoder", "patch_model", "unpad_reason"]
+from ptfast.integrations.bert_mlm import _pop_return_dict
+from ptfast.integrations.transformers import PADDING_FREE_KWARGS
 
-_PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+__all__ = ["Packed", "UnpaddedBertForward", "pack", "packed_encoder", "patch_model", "unpad_reason"]
 
 
 @dataclass
@@ -111,7 +112,7 @@ def unpad_reason(bert: nn.Module, attention_mask: object, kwargs: dict[str, Any]
         return "decoder / cross-attention"
     if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
         return "KV cache"
-    if any(kwargs.get(k) is not None for k in _PADDING_FREE_KWARGS):
+    if any(kwargs.get(k) is not None for k in PADDING_FREE_KWARGS):
         return "already padding-free (cu_seq_lens_* given)"
     if kwargs.get("output_attentions"):
         return "output_attentions=True"
@@ -187,9 +188,7 @@ class UnpaddedBertForward:
                       inputs_embeds=inputs_embeds)  # fmt: skip
         if not self.can_unpad(attention_mask, kwargs):
             return type(bert).forward(bert, attention_mask=attention_mask, **inputs, **kwargs)
-        default = getattr(bert.config, "return_dict", True)
-        return_dict = kwargs.pop("return_dict", None)
-        return_dict = default if return_dict is None else return_dict
+        return_dict = _pop_return_dict(bert, kwargs)
         packed = pack(attention_mask)
         out = packed_encoder(bert, packed, **inputs, **kwargs)
         sequence = packed.scatter(out.last_hidden_state)

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.transformer import _detect_is_causal_mask
 
+from ptfast.integrations import has_hooks
 from ptfast.ops.attention import attention as _ptfast_attention
 
 __all__ = ["PatchedTransformerEncoder", "PatchedTransformerEncoderLayer", "patch_encoders"]
@@ -92,13 +93,6 @@ class _Masks(NamedTuple):
     is_causal: bool
     num_heads: int  # the layout they were built for: a layer with another one converts its own
     batch_first: bool
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    """Forward / backward hooks on ``m`` itself (state-dict hooks do not matter: the module object stays)."""
-    return bool(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None)
-    )
 
 
 def _check_mask_dtype(name: str, m: Tensor) -> None:
@@ -202,7 +196,7 @@ class PatchedTransformerEncoderLayer(nn.TransformerEncoderLayer):
         _ptfast_masks: _Masks | None = None,
     ) -> Tensor:
         sa = self.self_attn
-        if src.is_nested or _has_hooks(sa) or _mask_needs_grad(src_mask, src_key_padding_mask):
+        if src.is_nested or has_hooks(sa) or _mask_needs_grad(src_mask, src_key_padding_mask):
             # The stock forward (which calls self_attn) for what ptfast cannot or must not take over: a nested
             # tensor (only from a caller that built one, e.g. a stock encoder left alone), hooks registered on
             # self_attn after patching (they must fire), a float mask that needs a gradient (ptfast.attention
@@ -298,7 +292,7 @@ class PatchedTransformerEncoder(nn.TransformerEncoder):
 def _self_attn_reason(sa: nn.Module) -> str | None:
     if type(sa) is not nn.MultiheadAttention:
         return f"self_attn is a {type(sa).__name__}, not nn.MultiheadAttention (its forward is unknown to ptfast)"
-    if _has_hooks(sa):
+    if has_hooks(sa):
         return "a hook is registered on self_attn (the patched layer computes attention without calling it)"
     if not sa._qkv_same_embed_dim or sa.in_proj_weight is None:
         return "self_attn has kdim / vdim != d_model (separate q/k/v projections: not self-attention shaped)"
@@ -312,7 +306,7 @@ def _self_attn_reason(sa: nn.Module) -> str | None:
 def _layer_reason(layer: nn.TransformerEncoderLayer) -> str | None:
     if type(layer) is not nn.TransformerEncoderLayer:
         return f"a subclass ({type(layer).__name__}) of TransformerEncoderLayer: its forward is unknown to ptfast"
-    if _has_hooks(layer):
+    if has_hooks(layer):
         return "a hook is registered on the layer"
     return _self_attn_reason(layer.self_attn)
 
@@ -358,7 +352,7 @@ def patch_encoders(model: nn.Module, replaced: list[str], skipped: list[str], *,
             reason = f"a subclass ({type(m).__name__}) of TransformerEncoder: its forward is unknown to ptfast"
         elif not any(isinstance(layer, PatchedTransformerEncoderLayer) for layer in m.layers):
             reason = "none of its layers could be patched (kept stock, nested-tensor fast path included)"
-        elif _has_hooks(m):
+        elif has_hooks(m):
             reason = (
                 "a hook is registered on the encoder (kept stock; its patched layers run ptfast except on the stock "
                 "nested-tensor path: eval mode, no grad, a padding mask)"

@@ -96,7 +96,7 @@ HARMLESS_KWARGS: Mapping[str, str] = MappingProxyType(
     }
 )
 
-_PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 # --- importing and registering ----------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def attention_forward(
     """
     is_causal_kw = kwargs.pop("is_causal", None)
     position_ids = kwargs.pop("position_ids", None)
-    cu_q, cu_k, max_q, max_k = (kwargs.pop(n, None) for n in _PADDING_FREE_KWARGS)
+    cu_q, cu_k, max_q, max_k = (kwargs.pop(n, None) for n in PADDING_FREE_KWARGS)
     seq_idx = kwargs.pop("seq_idx", None)
     sliding_window = kwargs.pop("sliding_window", None)
     output_attentions = kwargs.pop("output_attentions", None)
