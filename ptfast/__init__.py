@@ -4,7 +4,13 @@
 """
 
 from ptfast import nn  # noqa: E402  (after the ops it wraps)
-from ptfast._dispatch import BackendNotSupportedError, requested_backend, use_backend
+from ptfast._dispatch import (
+    BackendNotSupportedError,
+    FallbackWarning,
+    KernelFault,
+    requested_backend,
+    use_backend,
+)
 from ptfast.ops.attention import attention, attention_varlen
 from ptfast.ops.conv import conv_relu, conv_relu_pool
 from ptfast.ops.masked_lm_loss import masked_lm_loss
@@ -14,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "FallbackWarning",
+    "KernelFault",
     "attention",
     "attention_varlen",
     "conv_relu",

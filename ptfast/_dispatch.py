@@ -9,6 +9,17 @@ One place decides which implementation (``torch``, ``triton`` or ``cuda``) runs 
 * ``auto`` walks the op's preference order and falls back to ``torch``; an explicitly requested backend that
   refuses raises :class:`BackendNotSupportedError` with its reason, never a silent fallback.
 
+Faults (README, "Reliability"). A refusal is either a property of the inputs (fp64 for Triton, head dim 320):
+``auto`` skips that backend silently; or an environment fault, a :class:`Fault` reason (triton or the CUDA
+extension missing or broken, a GPU older than sm_80, a launch grid over the hardware's limits): ``auto`` skips it
+with one :class:`FallbackWarning` per fault. Some faults only show when a kernel is built, just before its launch
+(a Triton compile failure, a configuration needing more shared memory than the GPU has): the backend raises
+:class:`KernelFault`, or :func:`run` recognises the backend's own build error. Under ``auto`` the op then runs on
+``torch`` with one warning, and the fault is remembered for that op and input class, so later calls go straight to
+``torch`` (forward and backward, which must agree); an explicit backend raises the :class:`KernelFault`.
+What cannot be caught: an asynchronous device fault (an illegal address inside a running kernel) poisons the CUDA
+context; no fallback is possible after it, which is why value checks run before any launch.
+
 The chosen name is passed to the ``torch.library`` op as a plain string argument, so the forward's choice is
 baked into the autograd graph and reused by backward (which autograd runs on another thread), and
 ``torch.compile`` guards on the thread-local setting.
@@ -21,9 +32,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
@@ -33,6 +45,35 @@ _tls = threading.local()
 
 class BackendNotSupportedError(RuntimeError):
     """An explicitly requested backend cannot run the given inputs (the message says why)."""
+
+
+class KernelFault(BackendNotSupportedError):
+    """A backend's kernel cannot be built or launched here (does not compile, needs more shared memory than the GPU
+    has, launch grid out of range). Raised before that kernel launches, so nothing on the device is corrupted.
+
+    ``kind`` says which (``"compile"``, ``"resources"``, ``"launch-size"``, ``"module-load"``) and ``kernel``
+    names the kernel.
+    """
+
+    def __init__(self, message: str, *, kind: str, kernel: str) -> None:
+        super().__init__(message)
+        self.kind, self.kernel = kind, kernel
+
+
+class Fault(str):
+    """A ``supports()`` reason that is a fault of the environment, not a property of the inputs: ``auto`` warns once
+    when it skips a backend for it. ``key`` groups reasons that are one fault (one warning for all of them)."""
+
+    key: str
+
+    def __new__(cls, reason: str, key: str | None = None) -> Fault:
+        self = super().__new__(cls, reason)
+        self.key = reason if key is None else key
+        return self
+
+
+class FallbackWarning(UserWarning):
+    """``auto`` skipped a faster backend because of a fault (see :class:`Fault` and :class:`KernelFault`)."""
 
 
 class BackendImpl(Protocol):
@@ -74,18 +115,97 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
-def choose(op: str, impls: Mapping[str, BackendImpl], auto_order: tuple[str, ...], **meta: object) -> str:
-    """Pick the backend for one call of ``op``; ``meta`` is what the backends' ``supports`` look at."""
+AUTO_PREFIX = "auto:"
+T = TypeVar("T")
+
+
+def choose(
+    op: str, impls: Mapping[str, BackendImpl], auto_order: tuple[str, ...], fault_key: tuple = (), **meta: object
+) -> str:
+    """Pick the backend for one call of ``op``; ``meta`` is what the backends' ``supports`` look at.
+
+    Returns the backend name for an explicit request, and ``"auto:<name>"`` when ``auto`` picked a backend other
+    than torch (:func:`run` may then still fall back to torch on a :class:`KernelFault`). ``fault_key`` is the
+    input class a kernel fault is remembered for (the op's dtype, head dim, ...; see :func:`run`).
+    """
     requested = requested_backend()
     if requested == "auto":
         for name in auto_order:
-            if impls[name].supports(**meta) is None:
-                return name
+            if name == "torch":
+                return "torch"
+            reason = impls[name].supports(**meta)
+            if reason is None:
+                reason = known_fault(op, name, fault_key)
+                if reason is None:
+                    return AUTO_PREFIX + name
+            elif isinstance(reason, Fault):
+                warn_fallback(op, name, reason.key, reason, "the next backend in auto's order runs instead")
         return "torch"
     reason = impls[requested].supports(**meta)
     if reason is not None:
         raise BackendNotSupportedError(f"ptfast.{op}: backend {requested!r} cannot run these inputs: {reason}")
     return requested
+
+
+def split(backend: str) -> tuple[str, bool]:
+    """``(backend name, whether a kernel fault may fall back to torch)`` from :func:`choose`'s answer."""
+    if backend.startswith(AUTO_PREFIX):
+        return backend[len(AUTO_PREFIX) :], True
+    return backend, False
+
+
+def run(
+    op: str,
+    phase: str,
+    backend: str,
+    impls: Mapping[str, BackendImpl],
+    fault_key: tuple,
+    call: Callable[[BackendImpl], T],
+) -> T:
+    """Run ``call(impl)`` on the backend :func:`choose` picked (inside the op, forward or backward) and record it.
+
+    A :class:`KernelFault` (or a build error the backend's classifier recognises) under ``auto`` is remembered for
+    ``(op, backend, fault_key)``, warned about once, and the call runs on torch; later forward and backward calls
+    of that input class go straight to torch. An explicitly chosen backend raises the fault. Anything else (wrong
+    values, a CUDA error) propagates untouched.
+    """
+    name, may_fall_back = split(backend)
+    if not (may_fall_back and known_fault(op, name, fault_key) is not None):
+        try:
+            result = call(impls[name])
+        except Exception as exc:
+            fault = exc if isinstance(exc, KernelFault) else _classify(name, exc)
+            if fault is None:
+                raise
+            if not may_fall_back:
+                message = f"ptfast.{op}: backend {name!r} cannot run these inputs: {fault}"
+                raise KernelFault(message, kind=fault.kind, kernel=fault.kernel) from exc
+            _remember_fault(op, name, fault_key, fault)
+        else:
+            record(op, name, phase)
+            return result
+    result = call(impls["torch"])
+    record(op, "torch", phase)
+    return result
+
+
+# --- faults: remembered per (op, backend, input class), warned about once ---------------------------------
+
+_faults: dict[tuple[str, str, tuple], str] = {}
+_warned: set[tuple[str, str]] = set()
+_fault_lock = threading.Lock()
+_classifiers: dict[str, Callable[[BaseException], KernelFault | None]] = {}
+
+
+def register_fault_classifier(backend: str, classify: Callable[[BaseException], KernelFault | None]) -> None:
+    """A backend package's way to say which of its exceptions are build/launch faults (e.g. Triton's
+    ``CompilationError``, ``OutOfResources``) rather than errors to propagate."""
+    _classifiers[backend] = classify
+
+
+def _classify(backend: str, exc: BaseException) -> KernelFault | None:
+    classify = _classifiers.get(backend)
+    return classify(exc) if classify is not None else None
 
 
 def explain(op: str, impls: Mapping[str, BackendImpl], **meta: object) -> dict[str, str | None]:
@@ -117,7 +237,8 @@ def record_dispatch() -> Iterator[list[tuple[str, str, str]]]:
         yield events
     finally:
         with _rec_lock:
-            _recorders.remove(events)
+            # By identity: two recorders' lists may be equal (both empty), and remove() compares by equality.
+            _recorders[:] = [r for r in _recorders if r is not events]
 
 
 def constant_while_compiling(fn):
@@ -131,3 +252,49 @@ def constant_while_compiling(fn):
     """
     fn._dynamo_marked_constant = True
     return fn
+
+
+# Under torch.compile these run once while tracing and their answer is baked into the graph: a fault found later
+# is still caught by ``run`` inside the op at run time.
+
+
+@constant_while_compiling
+def known_fault(op: str, backend: str, fault_key: tuple) -> str | None:
+    """The remembered kernel fault of ``backend`` for this op and input class (``None`` if there is none)."""
+    with _fault_lock:
+        return _faults.get((op, backend, fault_key))
+
+
+@constant_while_compiling
+def warn_fallback(op: str, backend: str, key: str, reason: str, then: str) -> None:
+    """One :class:`FallbackWarning` per (backend, fault), whichever op meets it first."""
+    with _fault_lock:
+        if (backend, key) in _warned:
+            return
+        _warned.add((backend, key))
+    warnings.warn(
+        f"ptfast.{op}: backend {backend!r} is skipped, {then}: {reason} "
+        f"(warned once; an explicit use_backend({backend!r}) raises this as an error)",
+        FallbackWarning,
+        stacklevel=3,
+    )
+
+
+def _remember_fault(op: str, backend: str, fault_key: tuple, fault: KernelFault) -> None:
+    with _fault_lock:
+        _faults[(op, backend, fault_key)] = str(fault)
+    then = "the torch backend runs this and later calls of this input class"
+    warn_fallback(op, backend, f"{fault.kind}:{fault.kernel}", str(fault), then)
+
+
+def known_faults() -> dict[tuple[str, str, tuple], str]:
+    """Every remembered kernel fault: ``{(op, backend, input class): reason}`` (for env_report and tests)."""
+    with _fault_lock:
+        return dict(_faults)
+
+
+def reset_faults() -> None:
+    """Forget remembered faults and warnings (tests; or after fixing the environment in a running process)."""
+    with _fault_lock:
+        _faults.clear()
+        _warned.clear()

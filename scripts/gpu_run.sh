@@ -2,7 +2,9 @@
 # The one script a lent GPU machine runs.
 #
 #   bash scripts/gpu_run.sh setup                 # environment report + in-place install (builds csrc/ if nvcc)
-#   bash scripts/gpu_run.sh tests                 # + GPU test tier (python3 tests/run.py --gpu)
+#   bash scripts/gpu_run.sh tests [PYTEST_ARGS]   # + GPU test tier (python3 tests/run.py --gpu [PYTEST_ARGS]);
+#                                                 #   split it over commands with e.g. -m gpu -k "faults or opcheck"
+#                                                 #   (a later -m replaces the default "gpu or not interpreter")
 #   bash scripts/gpu_run.sh bench [ARGS...]       # + python3 -m benchmarks.run --all --device cuda [ARGS...]
 #   bash scripts/gpu_run.sh convergence [ARGS...] # + python3 -m benchmarks.convergence --device cuda [ARGS...]
 #                                                 #   (e.g. --runs stock ptfast, then --runs stock-seed2: finished
@@ -136,8 +138,9 @@ phase_wheels() {  # optional third-party wheels for the benchmark baselines; nev
 phase_tests() {
   local t; t="$(left "$TESTS_TIMEOUT")"
   if (( t < 30 )); then note "tests: not started, only ${t}s left of this command"; record tests 124; return; fi
-  note "tests: $PY tests/run.py --gpu (timeout ${t}s)"
-  timeout "$t" "$PY" tests/run.py --gpu 2>&1 | tee "$LOGS/tests.log"
+  note "tests: $PY tests/run.py --gpu $* (timeout ${t}s)"
+  # Appends, so a session that splits the tier over several commands keeps every part's log.
+  timeout "$t" "$PY" tests/run.py --gpu "$@" 2>&1 | tee -a "$LOGS/tests.log"
   record tests $?
 }
 
@@ -169,7 +172,7 @@ phase_install
 phase_wheels
 case "$PHASE" in
   setup) ;;
-  tests) phase_tests ;;
+  tests) phase_tests "$@" ;;
   bench) phase_bench "$@" ;;
   convergence) phase_convergence "$@" ;;
   all) phase_tests; phase_bench "$@" ;;

@@ -187,8 +187,25 @@ def test_opcheck(pool, need_argmax, channels_last):
     opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, 1, pool, need_argmax and pool, "torch"))
     out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, 1, pool, pool, "torch")
     grad = torch.randn_like(out)
-    args = (grad, out, argmax, x, weight.detach(), list(x.shape), 1, pool, True, True, True, "torch")
+    args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, pool, True, True, True, "torch")
     opcheck(torch.ops.ptfast.conv_relu_backward.default, args)
+
+
+@pytest.mark.parametrize(
+    ("cout", "size", "pool"),
+    [(1, 7, False), (1, 7, True), (4, 3, False), (4, 4, True)],
+    ids=["one-channel", "one-channel-pooled", "one-pixel", "one-pixel-pooled"],
+)
+def test_dx_keeps_x_layout_when_the_output_layout_is_ambiguous(cout, size, pool):
+    """Regression (found by the property tests): with one output channel, or a 1x1 (pooled) output, the output is
+    both contiguous and channels_last; dx was laid out like the output (NCHW) instead of like x (channels_last)."""
+    x, weight, b = _make(n=2, cin=3, cout=cout, h=size, w=size, channels_last=True)
+    x.requires_grad_()
+    padding = 0 if cout == 4 else 1  # 3x3 -> 1x1; 4x4 -> 2x2, pooled to 1x1
+    out = (ptfast.conv_relu_pool if pool else ptfast.conv_relu)(x, weight, b, padding=padding)
+    assert out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)  # ambiguous
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and not dx.is_contiguous()
 
 
 def test_validation_errors():

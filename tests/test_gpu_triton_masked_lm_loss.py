@@ -366,9 +366,11 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(c, e, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_deterministic_backward_is_bitwise_reproducible():
-    """Under torch.use_deterministic_algorithms the atomic-free backward runs: identical bits on two runs, and the
-    default (atomic) backward agrees with it to rounding."""
+def test_default_backward_is_bitwise_reproducible():
+    """The default (atomic-free) backward gives identical bits on two runs; the opt-in atomic backward agrees with
+    it to rounding and is refused under torch.use_deterministic_algorithms(True)."""
+    from ptfast.backends.triton import masked_lm_loss as triton_mlm
+
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(11)
     h = torch.randn(3001, 256, device=dev, generator=g, dtype=torch.bfloat16, requires_grad=True)
@@ -384,12 +386,16 @@ def test_deterministic_backward_is_bitwise_reproducible():
         assert_ran(events, "masked_lm_loss", "triton", ("forward", "backward"))
         return out
 
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        first, second = grads(), grads()
-    finally:
-        torch.use_deterministic_algorithms(False)
+    first, second = grads(), grads()
     for a, c in zip(first, second, strict=True):
         assert torch.equal(a, c)
-    for a, c in zip(first, grads(), strict=True):
+    with triton_mlm.use_atomic_backward():
+        atomic = grads()
+        torch.use_deterministic_algorithms(True)
+        try:
+            with pytest.raises(RuntimeError, match="deterministic implementation"):
+                grads()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    for a, c in zip(first, atomic, strict=True):
         assert rel_err(c, a) < 1e-2

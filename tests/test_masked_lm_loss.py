@@ -532,11 +532,11 @@ def test_opcheck_forward_and_backward(bias):
     h, w, t, b = make_inputs(vocab=31, emb=12, bias=bias)
     torch.library.opcheck(torch.ops.ptfast.masked_lm_loss.default, (h, w, t, b, -100, 0.1, "torch"))
     torch.library.opcheck(torch.ops.ptfast.masked_lm_loss.default, (h.detach(), w, t, b, 3, 0.0, "torch"))
-    _, lse = torch.ops.ptfast.masked_lm_loss(
+    _, row_max, log_sum = torch.ops.ptfast.masked_lm_loss(
         h.detach(), w.detach(), t, None if b is None else b.detach(), -100, 0.1, "torch"
     )
     grad = torch.randn(h.shape[0])
-    args = [h.detach(), w.detach(), t, None if b is None else b.detach(), lse, -100, 0.1]
+    args = [h.detach(), w.detach(), t, None if b is None else b.detach(), row_max, log_sum, -100, 0.1]
     for needs in ((True, True, True), (True, False, False), (False, True, bias)):
         torch.library.opcheck(torch.ops.ptfast.masked_lm_loss_backward.default, (grad, *args, *needs, "torch"))
 

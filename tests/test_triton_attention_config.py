@@ -57,19 +57,30 @@ def test_use_blocks_overrides_and_restores() -> None:
 def test_atomic_dq_switches(monkeypatch) -> None:
     monkeypatch.delenv("PTFAST_ATTENTION_ATOMIC_DQ", raising=False)
     assert not ac.atomic_dq_enabled()
+    assert not ac.backward_uses_atomic_dq()
     monkeypatch.setenv("PTFAST_ATTENTION_ATOMIC_DQ", "1")
     assert ac.atomic_dq_enabled()
     with ac.use_atomic_dq(False):
         assert not ac.atomic_dq_enabled()
     monkeypatch.delenv("PTFAST_ATTENTION_ATOMIC_DQ")
     with ac.use_atomic_dq(True):
-        assert ac.atomic_dq_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            assert not ac.atomic_dq_enabled()  # determinism requested: never atomics
-        finally:
-            torch.use_deterministic_algorithms(False)
+        assert ac.backward_uses_atomic_dq()
     assert not ac.atomic_dq_enabled()
+
+
+def test_atomic_dq_is_refused_under_deterministic_algorithms() -> None:
+    """The opt-in non-deterministic backward meets PyTorch's usual refusal (a warning with warn_only, then it
+    runs); the default backward is deterministic, so deterministic mode changes nothing for it."""
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not ac.backward_uses_atomic_dq()
+        with ac.use_atomic_dq(True), pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            ac.backward_uses_atomic_dq()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with ac.use_atomic_dq(True), pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            assert ac.backward_uses_atomic_dq()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_supports_reasons_without_a_gpu() -> None:

@@ -91,8 +91,10 @@ def make_inputs(case: Case, opts: Options, seed: int) -> Inputs:
     }
 
 
-def _ptfast(backend: str) -> Provider:
+def _ptfast(backend: str, atomic: bool = False) -> Provider:
     def build(case: Case, inp: Inputs, mode: str) -> Step:
+        if atomic and mode == "fwd":
+            raise Skip("the atomic mode only changes the backward")
         ptfast = import_ptfast()
 
         def fwd() -> Tensor:
@@ -101,9 +103,22 @@ def _ptfast(backend: str) -> Provider:
                     inp["hidden"], inp["weight"], inp["labels"], inp["bias"], ignore_index=IGNORE
                 )
 
-        return make_step(fwd, inp["leaves"], mode, None)
+        step = make_step(fwd, inp["leaves"], mode, None)
+        if not atomic:
+            return step
+        from ptfast.backends.triton import masked_lm_loss as triton_mlm
 
-    return Provider(f"ptfast[{backend}]", "ptfast", f"ptfast.masked_lm_loss with use_backend({backend!r})", build)
+        def step_atomic() -> Any:
+            with triton_mlm.use_atomic_backward():
+                return step()
+
+        return step_atomic
+
+    if atomic:
+        name, what = f"ptfast[{backend},atomic]", " with the opt-in atomic backward (not bitwise reproducible)"
+    else:
+        name, what = f"ptfast[{backend}]", ""
+    return Provider(name, "ptfast", f"ptfast.masked_lm_loss with use_backend({backend!r}){what}", build)
 
 
 def _all_tokens(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor) -> Tensor:
@@ -267,6 +282,7 @@ def _cce() -> Provider:
 def providers(opts: Options) -> list[Provider]:
     return [
         *(_ptfast(b) for b in PTFAST_BACKENDS),
+        _ptfast("triton", atomic=True),  # fastest mode, reported apart from the deterministic default
         _hf_all_tokens(),
         _gathered(),
         _compiled_gathered(opts),

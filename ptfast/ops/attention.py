@@ -49,8 +49,24 @@ _AUTO_ORDER = ("cuda", "triton", "torch")
 
 
 def _lse(impls: dict, backend: str, like: Tensor, shape: tuple) -> Tensor:
-    saves = getattr(impls[backend], "SAVES_LSE", False)
+    saves = getattr(impls[_dispatch.split(backend)[0]], "SAVES_LSE", False)
     return like.new_empty(shape if saves else (0,), dtype=torch.float32)
+
+
+def _promised_lse(impls: dict, backend: str, lse: Tensor, like: Tensor, shape: tuple) -> Tensor:
+    """The ``lse`` output in the shape the fake kernel promised for ``backend``. They differ only when ``auto``
+    fell back to torch (which saves none) after a kernel fault; backward then falls back too and never reads it."""
+    promised = _lse(impls, backend, like, shape)
+    return lse if lse.shape == promised.shape else promised.fill_(float("nan"))
+
+
+def _fault_key(q: Tensor, v: Tensor, masks: tuple, dropout_p: float, is_causal: bool) -> tuple:
+    """The input class a kernel fault is remembered for: what selects a kernel specialization, never a size."""
+    return (q.device, q.dtype, int(q.shape[-1]), int(v.shape[-1]), *masks, dropout_p > 0, is_causal)
+
+
+def _mask_kinds(attn_mask: Tensor | None, key_mask: Tensor | None) -> tuple:
+    return (None if attn_mask is None else attn_mask.dtype, key_mask is not None)
 
 
 # --- padded attention -------------------------------------------------------------------------------------
@@ -69,8 +85,12 @@ def _attention_op(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    _dispatch.record("attention", backend, "forward")
-    return _IMPLS[backend].forward(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale)
+    key = _fault_key(q, v, _mask_kinds(attn_mask, key_mask), dropout_p, is_causal)
+    out, lse = _dispatch.run(
+        "attention", "forward", backend, _IMPLS, key,
+        lambda impl: impl.forward(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale),
+    )  # fmt: skip
+    return out, _promised_lse(_IMPLS, backend, lse, q, q.shape[:3])
 
 
 @_attention_op.register_fake
@@ -95,8 +115,11 @@ def _attention_backward_op(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _dispatch.record("attention", backend, "backward")
-    return _IMPLS[backend].backward(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale)
+    key = _fault_key(q, v, _mask_kinds(attn_mask, key_mask), dropout_p, is_causal)
+    return _dispatch.run(
+        "attention", "backward", backend, _IMPLS, key,
+        lambda impl: impl.backward(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale),
+    )  # fmt: skip
 
 
 @_attention_backward_op.register_fake
@@ -141,10 +164,13 @@ def _attention_varlen_op(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    _dispatch.record("attention_varlen", backend, "forward")
-    return _VARLEN_IMPLS[backend].forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p, is_causal, scale
-    )
+    out, lse = _dispatch.run(
+        "attention_varlen", "forward", backend, _VARLEN_IMPLS, _fault_key(q, v, (), dropout_p, is_causal),
+        lambda impl: impl.forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p, is_causal, scale
+        ),
+    )  # fmt: skip
+    return out, _promised_lse(_VARLEN_IMPLS, backend, lse, q, (q.shape[1], q.shape[0]))
 
 
 @_attention_varlen_op.register_fake
@@ -171,10 +197,12 @@ def _attention_varlen_backward_op(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _dispatch.record("attention_varlen", backend, "backward")
-    return _VARLEN_IMPLS[backend].backward(
-        grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p,
-        is_causal, scale,
+    return _dispatch.run(
+        "attention_varlen", "backward", backend, _VARLEN_IMPLS, _fault_key(q, v, (), dropout_p, is_causal),
+        lambda impl: impl.backward(
+            grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p,
+            is_causal, scale,
+        ),
     )  # fmt: skip
 
 
@@ -429,8 +457,9 @@ def attention(
     query, key, value, mask = _cast_inputs(op, query, key, value, _compact_mask(attn_mask))
     scale_f = _scale(scale, query.shape[-1])
     backend = _dispatch.choose(
-        op, _IMPLS, _AUTO_ORDER, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
-        dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
+        op, _IMPLS, _AUTO_ORDER, _fault_key(query, value, _mask_kinds(mask, key_mask), dropout_p, is_causal),
+        q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask, dropout_p=dropout_p, is_causal=is_causal,
+        scale=scale_f,
     )  # fmt: skip
     seed = _seed(dropout_p, query.device)
     out, _ = torch.ops.ptfast.attention(
@@ -475,7 +504,8 @@ def attention_varlen(
     query, key, value, _ = _cast_inputs(op, query, key, value, None)
     scale_f = _scale(scale, query.shape[-1])
     backend = _dispatch.choose(
-        op, _VARLEN_IMPLS, _AUTO_ORDER, q=query, k=key, v=value, cu_seqlens_q=cu_seqlens_q,
+        op, _VARLEN_IMPLS, _AUTO_ORDER, _fault_key(query, value, (), dropout_p, is_causal), q=query, k=key,
+        v=value, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip

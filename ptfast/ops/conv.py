@@ -6,7 +6,8 @@ Registered ops (one definition each, all backends behind them):
   ``out``: ``(N, Cout, Hc, Wc)`` or pooled ``(N, Cout, Hc//2, Wc//2)`` in x's memory format;
   ``argmax``: uint8 window offset (row-major 0..3) per pooled element, or an empty tensor when not needed.
 * ``ptfast::conv_relu_backward(...) -> (dx, dweight, dbias)`` (empty tensors for gradients not asked for); dx in
-  the output's memory format (x's), dweight in weight's.
+  x's memory format (``x_channels_last``, recorded at forward: the output's own layout is ambiguous when it has
+  one channel or one pixel), dweight in weight's.
 
 Autocast: x, weight and bias are cast to the autocast dtype (like ``conv2d``); the output has that dtype.
 """
@@ -33,12 +34,28 @@ def _conv_hw(x_shape, weight_shape, padding: int) -> tuple[int, int]:
     return (x_shape[2] + 2 * padding - weight_shape[2] + 1, x_shape[3] + 2 * padding - weight_shape[3] + 1)
 
 
+def _fault_key(activation: Tensor, channels_last: bool, weight: Tensor, padding: int, pool: bool) -> tuple:
+    """The input class a kernel fault is remembered for: what selects a kernel specialization, never a batch or
+    image size. ``activation`` is x in forward, the output in backward (same device and dtype)."""
+    return (activation.device, activation.dtype, channels_last, tuple(int(s) for s in weight.shape), padding, pool)
+
+
+def _channels_last(x: Tensor) -> bool:
+    return torch_conv.memory_format(x) == torch.channels_last
+
+
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @torch.library.custom_op("ptfast::conv_relu", mutates_args=())
 def _conv_relu_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, pool: bool, need_argmax: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    _dispatch.record(_op_name(pool), backend, "forward")
-    return _IMPLS[backend].forward(x, weight, bias, padding, pool, need_argmax)
+    return _dispatch.run(
+        _op_name(pool), "forward", backend, _IMPLS, _fault_key(x, _channels_last(x), weight, padding, pool),
+        lambda impl: impl.forward(x, weight, bias, padding, pool, need_argmax),
+    )  # fmt: skip
 
 
 @_conv_relu_op.register_fake
@@ -60,6 +77,7 @@ def _conv_relu_backward_op(
     x: Tensor | None,
     weight: Tensor,
     x_shape: list[int],
+    x_channels_last: bool,
     padding: int,
     pool: bool,
     need_dx: bool,
@@ -67,27 +85,29 @@ def _conv_relu_backward_op(
     need_dbias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _dispatch.record(_op_name(pool), backend, "backward")
-    dx, dw, db = _IMPLS[backend].backward(
-        grad, out, argmax, x, weight, x_shape, padding, pool, (need_dx, need_dweight, need_dbias)
-    )
+    needs = (need_dx, need_dweight, need_dbias)
+    dx, dw, db = _dispatch.run(
+        _op_name(pool), "backward", backend, _IMPLS, _fault_key(out, x_channels_last, weight, padding, pool),
+        lambda impl: impl.backward(grad, out, argmax, x, weight, x_shape, padding, pool, needs),
+    )  # fmt: skip
     empty = weight.new_empty(0)
-    # One layout whatever the backend picked (the fake kernel promises it to torch.compile): dx in the output's
-    # memory format (x's), dweight in weight's. No-ops when the backend already returned them so.
+    # One layout whatever the backend picked (the fake kernel promises it to torch.compile): dx in x's memory
+    # format, dweight in weight's. No-ops when the backend already returned them so.
     return (
-        dx.contiguous(memory_format=torch_conv.memory_format(out)) if need_dx else empty,
+        dx.contiguous(memory_format=_format(x_channels_last)) if need_dx else empty,
         dw.contiguous(memory_format=torch_conv.memory_format(weight)) if need_dweight else empty.clone(),
         db if need_dbias else empty.clone(),
     )
 
 
 @_conv_relu_backward_op.register_fake
-def _(grad, out, argmax, x, weight, x_shape, padding, pool, need_dx, need_dweight, need_dbias, backend):
+def _(grad, out, argmax, x, weight, x_shape, x_channels_last, padding, pool, need_dx, need_dw, need_db, backend):
     like = dict(dtype=weight.dtype, device=weight.device)
-    dx = torch.empty(x_shape, **like, memory_format=torch_conv.memory_format(out)) if need_dx else weight.new_empty(0)
+    fmt_x = _format(x_channels_last)
+    dx = torch.empty(x_shape, **like, memory_format=fmt_x) if need_dx else weight.new_empty(0)
     fmt_w = torch_conv.memory_format(weight)
-    dw = torch.empty(weight.shape, **like, memory_format=fmt_w) if need_dweight else weight.new_empty(0)
-    db = weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0)
+    dw = torch.empty(weight.shape, **like, memory_format=fmt_w) if need_dw else weight.new_empty(0)
+    db = weight.new_empty(weight.shape[0]) if need_db else weight.new_empty(0)
     return dx, dw, db
 
 
@@ -96,7 +116,7 @@ def _setup_context(ctx, inputs, output) -> None:
     out, argmax = output
     # x is read only by the weight gradient: frozen weights do not keep the input alive.
     ctx.save_for_backward(out, argmax, x if weight.requires_grad else None, weight)
-    ctx.x_shape = list(x.shape)
+    ctx.x_shape, ctx.x_channels_last = list(x.shape), _channels_last(x)
     ctx.padding, ctx.pool, ctx.backend = padding, pool, backend
 
 
@@ -110,6 +130,7 @@ def _backward(ctx, grad_out, _grad_argmax):
         x,
         weight,
         ctx.x_shape,
+        ctx.x_channels_last,
         ctx.padding,
         ctx.pool,
         need_dx,
@@ -159,7 +180,10 @@ def _conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, poo
         bias = bias.to(cast) if bias is not None else None
     else:
         _validation.check_same_dtype(op, x=x, weight=weight, bias=bias)
-    backend = _dispatch.choose(op, _IMPLS, _AUTO_ORDER, x=x, weight=weight, bias=bias, padding=padding, pool=pool)
+    backend = _dispatch.choose(
+        op, _IMPLS, _AUTO_ORDER, _fault_key(x, _channels_last(x), weight, padding, pool), x=x, weight=weight, bias=bias,
+        padding=padding, pool=pool,
+    )  # fmt: skip
     need_argmax = pool and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     out, _ = torch.ops.ptfast.conv_relu(x, weight, bias, padding, pool, need_argmax, backend)
     return out

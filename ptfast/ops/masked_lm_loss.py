@@ -3,14 +3,16 @@
 Registered ops (one definition each, all backends behind them):
 
 * ``ptfast::masked_lm_loss(hidden, weight, labels, bias, ignore_index, label_smoothing, backend)
-  -> (loss, lse)``: hidden ``(N, E)``, weight ``(V, E)``, labels ``(N,)`` int64, bias ``(V,)`` or None;
-  ``loss`` is the per-row loss ``(N,)`` (0 at ignored rows) and ``lse`` the per-row log-sum-exp ``(N,)``
-  (saved for backward), both fp32 (fp64 for fp64 hidden). The GEMMs run in hidden's dtype; weight is cast to
-  it inside the op and bias is added in fp32 (under autocast they arrive as the fp32 parameters).
-* ``ptfast::masked_lm_loss_backward(grad, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
-  need_dhidden, need_dweight, need_dbias, backend) -> (dhidden, dweight, dbias)``: ``grad`` is the incoming
-  gradient of the per-row loss ``(N,)``; each gradient has its input's dtype (dweight and dbias are accumulated
-  in fp32 first); gradients not asked for (or dbias without a bias) come back empty.
+  -> (loss, row_max, log_sum)``: hidden ``(N, E)``, weight ``(V, E)``, labels ``(N,)`` int64, bias ``(V,)`` or
+  None; ``loss`` is the per-row loss ``(N,)`` (0 at ignored rows); ``row_max`` ``m`` and ``log_sum``
+  ``log(sum exp(z - m))``, each ``(N,)``, are the row log-sum-exp in two parts, saved for backward: kept apart so
+  that the softmax ``exp((z - m) - log_sum)`` stays exact when the logits share a large offset. All fp32 (fp64
+  for fp64 hidden). The GEMMs run in hidden's dtype; weight is cast to it inside the op and bias is added in fp32 (under
+  autocast they arrive as the fp32 parameters).
+* ``ptfast::masked_lm_loss_backward(grad, hidden, weight, labels, bias, row_max, log_sum, ignore_index,
+  label_smoothing, need_dhidden, need_dweight, need_dbias, backend) -> (dhidden, dweight, dbias)``: ``grad`` is
+  the incoming gradient of the per-row loss ``(N,)``; each gradient has its input's dtype (dweight and dbias are
+  accumulated in fp32 first); gradients not asked for (or dbias without a bias) come back empty.
 
 The functional wrapper flattens the leading dims, validates, applies the autocast policy, picks the backend and
 does the reduction with plain torch ops on the per-row losses (``sum``, or ``sum / number of valid rows`` for
@@ -52,6 +54,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fault_key(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
+    """The input class a kernel fault is remembered for: what selects a kernel specialization, never a size."""
+    return (hidden.device, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, int(hidden.shape[-1]))
+
+
 @torch.library.custom_op("ptfast::masked_lm_loss", mutates_args=())
 def _mlm_op(
     hidden: Tensor,
@@ -61,15 +68,18 @@ def _mlm_op(
     ignore_index: int,
     label_smoothing: float,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    _dispatch.record(_OP, backend, "forward")
-    return _IMPLS[backend].forward(hidden, weight, labels, bias, ignore_index, label_smoothing)
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _dispatch.run(
+        _OP, "forward", backend, _IMPLS, _fault_key(hidden, weight, bias),
+        lambda impl: impl.forward(hidden, weight, labels, bias, ignore_index, label_smoothing),
+    )  # fmt: skip
 
 
 @_mlm_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, label_smoothing, backend):
     acc = _acc_dtype(hidden.dtype)
-    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
 
 
 @torch.library.custom_op("ptfast::masked_lm_loss_backward", mutates_args=())
@@ -79,7 +89,8 @@ def _mlm_backward_op(
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None,
-    lse: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     ignore_index: int,
     label_smoothing: float,
     need_dhidden: bool,
@@ -87,19 +98,14 @@ def _mlm_backward_op(
     need_dbias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _dispatch.record(_OP, backend, "backward")
     need_dbias = need_dbias and bias is not None
-    dh, dw, db = _IMPLS[backend].backward(
-        grad,
-        hidden,
-        weight,
-        labels,
-        bias,
-        lse,
-        ignore_index,
-        label_smoothing,
-        (need_dhidden, need_dweight, need_dbias),
-    )
+    needs = (need_dhidden, need_dweight, need_dbias)
+    dh, dw, db = _dispatch.run(
+        _OP, "backward", backend, _IMPLS, _fault_key(hidden, weight, bias),
+        lambda impl: impl.backward(
+            grad, hidden, weight, labels, bias, row_max, log_sum, ignore_index, label_smoothing, needs
+        ),
+    )  # fmt: skip
     # Outputs of a custom op may not alias each other: every empty placeholder is its own tensor.
     return (
         dh if need_dhidden else hidden.new_empty(0),
@@ -115,7 +121,8 @@ def _(
     weight,
     labels,
     bias,
-    lse,
+    row_max,
+    log_sum,
     ignore_index,
     label_smoothing,
     need_dhidden,
@@ -132,14 +139,15 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, labels, bias, ignore_index, label_smoothing, backend = inputs
-    _loss, lse = output
+    _loss, row_max, log_sum = output
+    ctx.mark_non_differentiable(row_max, log_sum)
     # Backward recomputes each chunk's logits, so it needs hidden and weight whichever of them is frozen.
-    ctx.save_for_backward(hidden, weight, labels, bias, lse)
+    ctx.save_for_backward(hidden, weight, labels, bias, row_max, log_sum)
     ctx.ignore_index, ctx.label_smoothing, ctx.backend = ignore_index, label_smoothing, backend
 
 
-def _backward(ctx, grad_loss, _grad_lse):
-    hidden, weight, labels, bias, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
+    hidden, weight, labels, bias, row_max, log_sum = ctx.saved_tensors
     need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
     need_db = need_db and bias is not None
     dh, dw, db = torch.ops.ptfast.masked_lm_loss_backward(
@@ -148,7 +156,8 @@ def _backward(ctx, grad_loss, _grad_lse):
         weight,
         labels,
         bias,
-        lse,
+        row_max,
+        log_sum,
         ctx.ignore_index,
         ctx.label_smoothing,
         need_dh,
@@ -266,6 +275,7 @@ def masked_lm_loss(
         _OP,
         _IMPLS,
         _AUTO_ORDER,
+        _fault_key(hidden, weight, bias),
         hidden=hidden,
         weight=weight,
         labels=labels,
@@ -273,7 +283,7 @@ def masked_lm_loss(
         label_smoothing=float(label_smoothing),
     )
     flat_labels = labels.reshape(-1)
-    loss, _lse = torch.ops.ptfast.masked_lm_loss(
+    loss, _row_max, _log_sum = torch.ops.ptfast.masked_lm_loss(
         hidden.reshape(flat_labels.shape[0], hidden.shape[-1]),  # not -1: E may be 0
         weight,
         flat_labels,

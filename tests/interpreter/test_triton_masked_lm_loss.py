@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import ptfast
+from ptfast.backends.triton import masked_lm_loss as triton_mlm
 from ptfast.testing import record_dispatch
 from tests.helpers import assert_close64, assert_ran, assert_rule
 from tests.oracles import masked_lm_loss as oracle
@@ -122,15 +123,11 @@ def test_refuses_bf16_on_cpu_and_fp64() -> None:
             ptfast.masked_lm_loss(h, w, labels)
 
 
-def test_deterministic_backward_is_bitwise_reproducible_and_exact() -> None:
-    """Under torch.use_deterministic_algorithms the atomic-free kernels run: same bits twice, oracle-exact."""
+def test_default_backward_is_bitwise_reproducible_and_exact() -> None:
+    """The default (atomic-free) backward: same bits twice, oracle-exact."""
     h, w, b, labels = _inputs(41, 24, 70, torch.float32, True, keep_frac=0.6, seed=5)
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = _run(h, w, b, labels, "none", 0.1)
-        second = _run(h, w, b, labels, "none", 0.1)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    first = _run(h, w, b, labels, "none", 0.1)
+    second = _run(h, w, b, labels, "none", 0.1)
     for a, c in zip(first[1], second[1], strict=True):
         assert torch.equal(a, c)
     ref, ref_grads = _oracle(first[3], labels, "none", 0.1, first[2])
@@ -138,13 +135,13 @@ def test_deterministic_backward_is_bitwise_reproducible_and_exact() -> None:
         assert_close64(g, r, name)
 
 
+@pytest.mark.parametrize("atomic", [False, True])
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
-def test_deterministic_backward_partial_gradients(monkeypatch, needs) -> None:
-    """Only the gradients asked for (PTFAST_MLM_DETERMINISTIC=1 selects the atomic-free kernels)."""
-    monkeypatch.setenv("PTFAST_MLM_DETERMINISTIC", "1")
+def test_backward_partial_gradients(needs, atomic) -> None:
+    """Only the gradients asked for, by the default kernels and by the opt-in atomic one."""
     h, w, b, labels = _inputs(19, 16, 45, torch.float32, True, keep_frac=0.7, seed=6)
     leaves = [t for t, need in zip((h, w, b), needs, strict=True) if need]
-    with ptfast.use_backend("triton"):
+    with ptfast.use_backend("triton"), triton_mlm.use_atomic_backward(atomic):
         loss = ptfast.masked_lm_loss(h, w, labels, b)
         grads = torch.autograd.grad(loss, leaves)
     l64 = [t.detach().double().requires_grad_(need) for t, need in zip((h, w, b), needs, strict=True)]
@@ -152,6 +149,18 @@ def test_deterministic_backward_partial_gradients(monkeypatch, needs) -> None:
     ref_grads = torch.autograd.grad(ref, [t for t in l64 if t.requires_grad])
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close64(g, r, "partial gradient")
+
+
+def test_atomic_backward_is_refused_under_deterministic_algorithms() -> None:
+    """The opt-in atomic backward meets PyTorch's usual refusal when the backward runs; the default runs."""
+    h, w, b, labels = _inputs(9, 16, 21, torch.float32, True, keep_frac=0.7, seed=7)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _run(h, w, b, labels, "mean", 0.0)  # default backward: deterministic, allowed
+        with triton_mlm.use_atomic_backward(), pytest.raises(RuntimeError, match="deterministic implementation"):
+            _run(h, w, b, labels, "mean", 0.0)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize(("n", "v"), [(1, 5), (70, 257), (33, 31)])

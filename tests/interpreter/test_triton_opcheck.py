@@ -63,9 +63,9 @@ def test_opcheck_masked_lm_loss(bias: bool) -> None:
     labels[torch.rand(37, generator=g) < 0.3] = -100
     opcheck(torch.ops.ptfast.masked_lm_loss.default, (h, w, labels, b, -100, 0.1, "triton"))
     b_data = None if b is None else b.detach()
-    _, lse = torch.ops.ptfast.masked_lm_loss(h.detach(), w.detach(), labels, b_data, -100, 0.1, "triton")
+    _, row_max, log_sum = torch.ops.ptfast.masked_lm_loss(h.detach(), w.detach(), labels, b_data, -100, 0.1, "triton")
     grad = torch.randn(37, generator=g)
-    args = [h.detach(), w.detach(), labels, b_data, lse, -100, 0.1]
+    args = [h.detach(), w.detach(), labels, b_data, row_max, log_sum, -100, 0.1]
     for needs in ((True, True, bias), (True, False, False), (False, True, bias)):
         opcheck(torch.ops.ptfast.masked_lm_loss_backward.default, (grad, *args, *needs, "triton"))
 
@@ -84,5 +84,5 @@ def test_opcheck_conv_relu(forward: str, dgrad: str, wgrad: str, pool: bool) -> 
         out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), bias.detach(), 1, pool, pool, "triton")
         grad = torch.randn(out.shape, generator=g)
         for needs in ((True, True, True), (True, False, False), (False, True, True)):
-            args = (grad, out, argmax, x, weight.detach(), list(x.shape), 1, pool, *needs, "triton")
+            args = (grad, out, argmax, x, weight.detach(), list(x.shape), True, 1, pool, *needs, "triton")
             opcheck(torch.ops.ptfast.conv_relu_backward.default, args)

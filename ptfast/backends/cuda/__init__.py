@@ -4,6 +4,10 @@ The extension is built by ``setup.py`` when CUDA is available (``pip install --n
 ``PTFAST_BUILD_CUDA`` environment variable forces or skips the build). Nothing here imports it at
 ``import ptfast`` time: :func:`extension` loads it on first use, and a missing or broken build only makes
 this backend refuse inputs, with the reason, instead of breaking the package.
+
+For CUDA tensors those refusals are :class:`~ptfast._dispatch.Fault` reasons (``auto`` warns once and runs the
+next backend), as is a GPU older than sm_80; a kernel built for no architecture of this GPU ("no kernel image is
+available", raised synchronously at launch) is a :class:`~ptfast._dispatch.KernelFault`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import importlib
 from types import ModuleType
 
 import torch
+
+from ptfast import _dispatch
+from ptfast._dispatch import Fault, KernelFault
 
 EXTENSION_MODULE = "ptfast._C"
 INSTALL_HINT = "pip install --no-build-isolation . on a machine with nvcc and a CUDA build of torch"
@@ -48,7 +55,7 @@ def extension_reason() -> str | None:
 def _capability_reason(index: int) -> str | None:
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) < MIN_CAPABILITY:
-        return f"cuda: GPU compute capability {major}.{minor} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+        return Fault(f"cuda: GPU compute capability {major}.{minor} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
     return None
 
 
@@ -61,9 +68,23 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
         return f"cuda: tensors on {device.type} (the CUDA backend needs CUDA tensors)"
     reason = extension_reason()
     if reason is not None:
-        return reason
+        return Fault(reason)
     if device is None:
         if not torch.cuda.is_available():
             return "cuda: no CUDA GPU visible"
         return _capability_reason(torch.cuda.current_device())
     return _capability_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def classify_fault(exc: BaseException) -> KernelFault | None:
+    """The extension's kernels were not built for this GPU: CUDA says so synchronously at the launch, before
+    anything ran, so ``auto`` can fall back. Every other error propagates."""
+    if isinstance(exc, KernelFault):
+        return exc
+    if "no kernel image is available" in str(exc):
+        return KernelFault(f"cuda: {EXTENSION_MODULE} has no kernel built for this GPU ({exc})", kind="module-load",
+                           kernel=EXTENSION_MODULE)  # fmt: skip
+    return None
+
+
+_dispatch.register_fault_classifier("cuda", classify_fault)

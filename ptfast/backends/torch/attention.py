@@ -131,8 +131,16 @@ def _chunk_masks(spec: Spec, c: _Chunk, Lk: int, device: torch.device) -> tuple[
 
 
 def _sdpa_chunk(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tensor | None, c: _Chunk, scale: float):
+    if scale == 0.0:
+        # SDPA's causal path scales its -inf mask too (0 * -inf = NaN): put the zero scale into q instead (q * 0
+        # keeps a NaN or inf of q as NaN, like scale * (q . k) does).
+        q, scale = q * 0.0, 1.0
     if keep is None and add is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=c.sdpa_causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=c.sdpa_causal, scale=scale)
+        # PyTorch's CPU flash kernel (no mask; torch 2.13) returns 0, not NaN, for a query row holding a NaN, where
+        # SDPA's math backend, its masked path and the contract give NaN: restore it (isnan, not q * 0, so huge
+        # finite q values cannot turn into a spurious NaN). Cheap next to the attention itself.
+        return torch.where(torch.isnan(q).any(-1, keepdim=True), math.nan, out)
     if add is None:
         # Boolean exclusions only: a finite fill (finfo.min) instead of -inf. Allowed logits are finite scores, so
         # excluded keys still get exactly zero weight, and PyTorch's CPU flash kernel runs its backward ~10x faster

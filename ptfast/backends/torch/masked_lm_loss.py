@@ -12,9 +12,11 @@ fp32 gradients without a round trip through bf16.
 * Forward, per chunk: logits = h_c @ W^T in the compute dtype, read in fp32 (the GEMM writes fp32 directly,
   never rounding the logits to bf16, on CUDA and CPU; elsewhere its output is upcast), + bias in fp32, then an
   in-place log-sum-exp, the target logit and, with label smoothing, the mean logit. Returns the per-row loss and
-  the per-row log-sum-exp (which lets backward form the softmax without another reduction).
+  the per-row log-sum-exp in two parts, the row max ``m`` and ``log(sum exp(z - m))`` (which lets backward form
+  the softmax without another reduction, and without the rounding of ``m + log(...)`` at the logits' magnitude).
 * Backward, per chunk: recompute the logits (a 4th GEMM instead of keeping N x V values alive), form
-  ``grad_logits = (softmax - smoothed one-hot) * grad_row`` in fp32, then ``dh_c = grad_logits @ W``,
+  ``grad_logits = (softmax - smoothed one-hot) * grad_row`` in fp32 (the softmax from the saved parts:
+  ``exp((z - m) - log_sum)``), then ``dh_c = grad_logits @ W``,
   ``dW += grad_logits^T @ h_c`` (fp32 accumulator), ``db += column sums`` (fp32).
 
 Ignored rows cost no matrix work: the valid rows are gathered first (``nonzero``: one host sync, acceptable for
@@ -161,18 +163,20 @@ def _put(dst: Tensor, sel: Tensor | slice, src: Tensor) -> None:
 def forward(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int, label_smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    """Per-row ``(loss, logsumexp)``, each ``(N,)`` in the accumulation dtype of hidden's dtype.
+    """Per-row ``(loss, row_max, log_sum)``, each ``(N,)`` in the accumulation dtype of hidden's dtype.
 
-    hidden ``(N, E)``, weight ``(V, E)``, labels ``(N,)`` int64, bias ``(V,)`` or None. The loss is 0 at ignored
-    rows; the log-sum-exp there is 0 when rows were compacted and the row's own value when they were masked (it
-    is only read back by :func:`backward`).
+    hidden ``(N, E)``, weight ``(V, E)``, labels ``(N,)`` int64, bias ``(V,)`` or None. ``row_max`` ``m`` and
+    ``log_sum`` ``log(sum exp(z - m))`` are the log-sum-exp's two parts. The loss is 0 at ignored rows; the parts
+    there are 0 when rows were compacted and the row's own values when they were masked (they are only read back
+    by :func:`backward`).
     """
     acc = acc_dtype(hidden.dtype)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     loss = hidden.new_zeros(n_rows, dtype=acc)
-    lse = hidden.new_zeros(n_rows, dtype=acc)
+    row_max = hidden.new_zeros(n_rows, dtype=acc)
+    log_sum = hidden.new_zeros(n_rows, dtype=acc)
     if n_rows == 0:
-        return loss, lse
+        return loss, row_max, log_sum
     eps = float(label_smoothing)
     # The op may run inside torch.autocast (custom ops pass it through to the ops they call): the casts are
     # decided here, and fp32 arithmetic must not be re-cast to the autocast dtype.
@@ -182,24 +186,31 @@ def forward(
         for sel, t_c, keep_c in rows.chunks(rows_per_chunk(vocab, acc)):
             z = gemm.logits(gemm.rows(_take(hidden, sel)), bias)
             target = z.gather(1, t_c.unsqueeze(1)).squeeze(1)
-            mean_logit = z.mean(1) if eps > 0 else None
-            # log-sum-exp in place (no second chunk-sized temporary): m + log(sum(exp(z - m))).
             m = z.amax(1)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows of +-inf: no inf - inf
-            lse_c = z.sub_(m.unsqueeze(1)).exp_().sum(1).log_().add_(m)
+            # A row whose logits are all -inf: shift by 0 (its lse is then -inf, its loss NaN). A row with a +inf
+            # logit keeps m = +inf, so inf - inf makes its lse (and loss) NaN exactly like F.cross_entropy's
+            # log_softmax; zeroing m there too would give lse = +inf and a loss of +inf instead of NaN.
+            m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+            # In place (no second chunk-sized temporary): shifted logits z - m, then log(sum(exp(z - m))).
+            z.sub_(m.unsqueeze(1))
+            mean_shifted = z.mean(1) if eps > 0 else None  # mean_j z_j - m
+            log_s = z.exp_().sum(1).log_()
             del z  # free this chunk's logits before the next chunk allocates its own
             # -log p_t = lse - z_t and mean_j(-log p_j) = lse - mean_j z_j, so F.cross_entropy's
-            # (1 - eps) * nll + eps * smooth simplifies to:
-            loss_c = lse_c - (1.0 - eps) * target
-            if mean_logit is not None:
-                loss_c = loss_c - eps * mean_logit
+            # (1 - eps) * nll + eps * smooth is log_s + (1 - eps) * (m - z_t) - eps * (mean_j z_j - m). Formed from
+            # shifted logits like log_softmax: lse itself, rounded at the logits' magnitude (an absolute error of
+            # 5e-4 at |logits| ~ 1e4), never enters the loss.
+            loss_c = log_s + (1.0 - eps) * (m - target)
+            if mean_shifted is not None:
+                loss_c = loss_c - eps * mean_shifted
             if keep_c is not None:
-                # Masked rows keep their (finite) log-sum-exp: backward's exp(z - lse) then stays <= 1 there and
+                # Masked rows keep their (finite) parts: backward's exp(z - m - log_s) then stays <= 1 there and
                 # a zero row gradient zeroes it, instead of overflowing to inf * 0 = NaN.
                 loss_c = torch.where(keep_c, loss_c, torch.zeros_like(loss_c))
             _put(loss, sel, loss_c)
-            _put(lse, sel, lse_c)
-    return loss, lse
+            _put(row_max, sel, m)
+            _put(log_sum, sel, log_s)
+    return loss, row_max, log_sum
 
 
 def backward(
@@ -208,7 +219,8 @@ def backward(
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None,
-    lse: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     ignore_index: int,
     label_smoothing: float,
     needs: tuple[bool, bool, bool],
@@ -236,12 +248,17 @@ def backward(
                 g_c = _take(grad, sel)
                 if keep_c is not None:  # where, not multiply: grad may be inf at ignored rows
                     g_c = torch.where(keep_c, g_c, torch.zeros_like(g_c))
-                # softmax from the saved log-sum-exp, in place on the recomputed fp32 logits
-                p = gemm.logits(h_c, bias).sub_(_take(lse, sel).unsqueeze(1)).exp_()
+                # softmax = exp((z - m) - log_sum), in place on the recomputed fp32 logits. Two subtractions, not
+                # one of m + log_sum: that sum is rounded at the logits' magnitude (5e-4 at |logits| ~ 1e4), which
+                # would scale the whole row by exp(error) -- 50x PyTorch's error in dhidden when the logits share
+                # a large offset -- while z - m is exact near the max.
+                p = gemm.logits(h_c, bias).sub_(_take(row_max, sel).unsqueeze(1))
+                p.sub_(_take(log_sum, sel).unsqueeze(1)).exp_()  # no second name for the chunk: `del p` frees it
+                p.mul_(g_c.unsqueeze(1))  # g * softmax
                 if eps > 0:
-                    p.sub_(eps / vocab)
-                p.scatter_add_(1, t_c.unsqueeze(1), p.new_full((p.shape[0], 1), eps - 1.0))
-                p.mul_(g_c.unsqueeze(1))  # p is now dloss/dlogits of the chunk, in fp32
+                    p.sub_((eps / vocab) * g_c.unsqueeze(1))
+                p.scatter_add_(1, t_c.unsqueeze(1), ((eps - 1.0) * g_c).unsqueeze(1))
+                # p is now dloss/dlogits of the chunk, in fp32
                 if db is not None:
                     db.add_(p.sum(0))
                 if dh is not None or dw is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ptfast._dispatch import Fault
 from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import attention_config
 
@@ -41,9 +42,21 @@ def tensor_reason(q: Tensor) -> str | None:
     return None
 
 
+def grid_reason(sequences: int, heads: int) -> str | None:
+    """The kernels put (sequence, head) pairs on the launch grid's second axis, limited to 65535 programs."""
+    if sequences * heads > triton_backend.MAX_GRID[1]:
+        return Fault(
+            f"triton: {sequences} sequences x {heads} heads = {sequences * heads} (sequence, head) pairs > "
+            f"{triton_backend.MAX_GRID[1]}, the launch grid's limit; split the batch",
+            key="attention grid",
+        )
+    return None
+
+
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs (``meta``: q, k, v, attn_mask, key_mask, ...), else why not."""
-    return tensor_reason(meta["q"])
+    q = meta["q"]
+    return tensor_reason(q) or grid_reason(q.shape[0], q.shape[1])
 
 
 def _fold_key_mask(

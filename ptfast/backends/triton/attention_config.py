@@ -19,8 +19,9 @@ Hooks (process-global, not per thread: autograd runs backward on another thread)
 * :func:`use_blocks` forces block sizes (tests use it to check that forward and backward agree across tilings);
 * :func:`use_atomic_dq` (or ``PTFAST_ATTENTION_ATOMIC_DQ=1``) turns on the opt-in backward that accumulates dQ
   with fp32 atomics inside the dK/dV kernel: one kernel fewer, but the summation order (so the last bits of dQ)
-  varies run to run. The default backward is deterministic. ``torch.use_deterministic_algorithms(True)``
-  always gets the deterministic one.
+  varies run to run. The default backward is deterministic (bitwise reproducible run to run and across processes).
+  With the atomic mode on, ``torch.use_deterministic_algorithms(True)`` refuses it with PyTorch's usual error
+  when the backward runs (``warn_only=True``: PyTorch's usual warning, and it runs).
 """
 
 from __future__ import annotations
@@ -164,8 +165,17 @@ def use_atomic_dq(enabled: bool = True) -> Iterator[None]:
 
 
 def atomic_dq_enabled() -> bool:
-    if torch.are_deterministic_algorithms_enabled():
-        return False
+    """Whether the atomic-dQ backward was asked for (``use_atomic_dq`` wins over ``PTFAST_ATTENTION_ATOMIC_DQ``)."""
     if _atomic_dq[0] is not None:
         return _atomic_dq[0]
     return os.environ.get("PTFAST_ATTENTION_ATOMIC_DQ", "0") not in ("", "0")
+
+
+def backward_uses_atomic_dq() -> bool:
+    """The backward's mode, checked when it runs: atomic dQ if asked for, refused under deterministic mode."""
+    if not atomic_dq_enabled():
+        return False
+    from ptfast.backends.triton import alert_not_deterministic
+
+    alert_not_deterministic("ptfast.attention backward with atomic dQ (use_atomic_dq / PTFAST_ATTENTION_ATOMIC_DQ)")
+    return True

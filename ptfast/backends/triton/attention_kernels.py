@@ -340,7 +340,10 @@ def _attn_fwd(
             True, MASK_KIND, HAS_KEY_MASK, CAUSAL, DROPOUT, BLOCK_N, PRECISION,
         )  # fmt: skip
 
-    has_any = l_i > 0.0
+    # l_i == 0 exactly when no key was admissible (the row max contributes exp2(0) = 1 otherwise). A NaN l_i (NaN
+    # in q, k or the float mask) is not "excluded": its output and lse stay NaN, so backward propagates NaN like
+    # SDPA instead of skipping the row as fully masked (lse = +inf) and returning zero gradients.
+    has_any = l_i != 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with no admissible key: acc = 0 -> 0
     if DROPOUT:
@@ -515,7 +518,9 @@ def _attn_bwd_dkdv(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < q_len
             lse = tl.load(LSE + l_base + offs_m * stride_lm, mask=m_ok, other=float("inf"))
-            if tl.min(lse, axis=0) < float("inf"):  # else every row of this block is fully excluded
+            # Skip only when every row of this block is fully excluded (lse = +inf); a NaN lse must run (NaN
+            # gradients, like SDPA), and tl.min's NaN handling differs between the GPU and the interpreter.
+            if tl.max((lse != float("inf")).to(tl.int32), axis=0) > 0:
                 q_ok = d_ok[:, None] & m_ok[None, :]
                 qt = tl.load(q_base + offs_m.to(tl.int64)[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                              mask=q_ok, other=0.0)  # fmt: skip
@@ -649,7 +654,8 @@ def _attn_bwd_dq(
         row_keys = _row_keys(SEED, b, h, offs_m)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if tl.min(lse, axis=0) < float("inf"):  # else every row of this block is fully excluded: dQ = 0
+    # else every row of this block is fully excluded (lse = +inf): dQ = 0. A NaN lse runs (see _attn_bwd_dkdv).
+    if tl.max((lse != float("inf")).to(tl.int32), axis=0) > 0:
         lo = 0
         hi = k_len
         if CAUSAL:

@@ -105,7 +105,7 @@ def forward(
     threshold, drop_scale = _dropout_args(dropout_p)
     grid = (triton.cdiv(layout.grid_q, blocks.block_m), layout.batch * layout.heads)
     with triton_backend.device_guard(q):
-        _attn_fwd[grid](
+        triton_backend.checked(_attn_fwd, grid)(
             q, k, v, out, lse, mask_t, km_t, seed if seed is not None else q,
             layout.cu_q if layout.cu_q is not None else q, layout.cu_k if layout.cu_k is not None else q,
             *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
@@ -154,7 +154,7 @@ def backward(
     cu_k = layout.cu_k if layout.cu_k is not None else q
     bh = layout.batch * layout.heads
     delta = torch.empty_like(lse)
-    atomic = attention_config.atomic_dq_enabled()
+    atomic = attention_config.backward_uses_atomic_dq()
     dq_buf = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else dq
     features = dict(
         MASK_KIND=mask_kind, HAS_KEY_MASK=key_mask is not None, CAUSAL=is_causal, DROPOUT=dropout_p > 0,
@@ -166,13 +166,13 @@ def backward(
         layout.heads, layout.len_q, layout.len_k, head_dim, scale * LOG2E, scale, threshold, drop_scale,
     )  # fmt: skip
     with triton_backend.device_guard(q):
-        _attn_bwd_delta[(triton.cdiv(layout.grid_q, DELTA_BLOCK_M), bh)](
+        triton_backend.checked(_attn_bwd_delta, (triton.cdiv(layout.grid_q, DELTA_BLOCK_M), bh))(
             out, grad, delta, cu_q, *layout.strides(out), *layout.strides(grad), *layout.lse_strides(lse),
             layout.heads, layout.len_q, head_dim,
             IS_VARLEN=layout.packed, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d,
         )  # fmt: skip
         kv = cfg.backward_kv
-        _attn_bwd_dkdv[(triton.cdiv(layout.grid_k, kv.block_n), bh)](
+        triton_backend.checked(_attn_bwd_dkdv, (triton.cdiv(layout.grid_k, kv.block_n), bh))(
             q, k, v, grad, lse, delta, dk, dv, dq_buf, mask_t, km_t, seed_t, cu_q, cu_k, *common,
             ATOMIC_DQ=atomic, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps,
             num_stages=kv.num_stages, **features,
@@ -181,7 +181,7 @@ def backward(
             dq.copy_(dq_buf)
             return
         qc = cfg.backward_q
-        _attn_bwd_dq[(triton.cdiv(layout.grid_q, qc.block_m), bh)](
+        triton_backend.checked(_attn_bwd_dq, (triton.cdiv(layout.grid_q, qc.block_m), bh))(
             q, k, v, grad, lse, delta, dq, mask_t, km_t, seed_t, cu_q, cu_k, *common,
             BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, num_warps=qc.num_warps, num_stages=qc.num_stages, **features,
         )  # fmt: skip

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ptfast.backends.triton.attention import tensor_reason
+from ptfast.backends.triton.attention import grid_reason, tensor_reason
 
 SAVES_LSE = True
 
 
 def supports(**meta: object) -> str | None:
-    return tensor_reason(meta["q"])
+    q = meta["q"]
+    return tensor_reason(q) or grid_reason(meta["cu_seqlens_q"].shape[0] - 1, q.shape[1])
 
 
 def _layout(q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int):

@@ -133,7 +133,7 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     block_r, block_c, num_warps = pick_config(inner)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_c),)
     with triton_backend.device_guard(y):
-        _bias_relu_kernel[grid](
+        triton_backend.checked(_bias_relu_kernel, grid)(
             y,
             bias if bias is not None else y,  # never read when HAS_BIAS is False
             rows,

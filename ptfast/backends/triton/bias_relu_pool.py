@@ -315,7 +315,7 @@ def bias_relu_pool(z: torch.Tensor, bias: torch.Tensor | None, need_argmax: bool
     block_r, block_c, num_warps = pick_config(inner)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_c),)
     with triton_backend.device_guard(z):
-        _bias_relu_pool_kernel[grid](
+        triton_backend.checked(_bias_relu_pool_kernel, grid)(
             z,
             bias if bias is not None else z,  # never read when HAS_BIAS is False
             out,
@@ -381,7 +381,7 @@ def pool_relu_backward(
         part = torch.empty(part_shape, dtype=torch.float32, device=grad.device)
     if g.numel() > 0:
         with triton_backend.device_guard(grad):
-            _pool_relu_backward_kernel[(row_tiles * col_tiles,)](
+            triton_backend.checked(_pool_relu_backward_kernel, (row_tiles * col_tiles,))(
                 grad,
                 out,
                 argmax,

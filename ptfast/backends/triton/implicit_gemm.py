@@ -44,7 +44,7 @@ def _launch(
     grid = (triton.cdiv(m, blocks.block_m) * triton.cdiv(cout, blocks.block_n),)
     large = max(_extent(x), _extent(out), m) >= 2**31 - 1
     with triton_backend.device_guard(x):
-        _conv_gemm_fwd[grid](
+        triton_backend.checked(_conv_gemm_fwd, grid)(
             x,
             w_mat,
             bias if bias is not None else w_mat,  # never read without HAS_BIAS
@@ -175,7 +175,7 @@ def conv_wgrad(
     if m > 0 and cout > 0 and k_total > 0:
         large = max(_extent(x), _extent(g), splits * cout * k_total, m) >= 2**31 - 1
         with triton_backend.device_guard(x):
-            _conv_gemm_wgrad[(tiles_k, tiles_n, splits)](
+            triton_backend.checked(_conv_gemm_wgrad, (tiles_k, tiles_n, splits))(
                 g,
                 x,
                 dw_part,

@@ -8,16 +8,21 @@ What it runs and why it refuses the rest:
   (triton 3.9's interpreter computes bf16 ``tl.dot`` wrongly).
 
 Ignored rows are compacted on the device (a stable sort of the validity flags and a device-side count), so no
-host sync and fixed shapes. Backward recomputes the logit tiles (4 GEMMs in all) and accumulates dhidden,
-dweight and dbias in fp32 with atomics, so the last bits vary run to run; under
-``torch.use_deterministic_algorithms(True)`` (or ``PTFAST_MLM_DETERMINISTIC=1``) it runs the atomic-free kernels
-instead, which recompute the logit tiles once more (5 GEMMs) and are bitwise reproducible.
+host sync and fixed shapes. The default backward is atomic-free and bitwise reproducible (run to run and across
+processes): one kernel sums dhidden per row tile and another dweight/dbias per vocabulary tile, each in a fixed
+order, recomputing the logit tiles (5 GEMMs in all). The opt-in atomic backward (``use_atomic_backward()`` or
+``PTFAST_MLM_ATOMIC=1``) recomputes them once (4 GEMMs) and accumulates all three gradients in fp32 with atomics,
+so their last bits vary run to run; ``torch.use_deterministic_algorithms(True)`` refuses it with PyTorch's usual
+error.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -43,12 +48,39 @@ def supports(**meta: object) -> str | None:
     return None
 
 
-def deterministic_backward() -> bool:
-    """The atomic-free backward: under ``torch.use_deterministic_algorithms(True)`` or
-    ``PTFAST_MLM_DETERMINISTIC=1``."""
-    if torch.are_deterministic_algorithms_enabled():
-        return True
-    return os.environ.get("PTFAST_MLM_DETERMINISTIC", "0") not in ("", "0")
+_atomic: list[bool | None] = [None]
+_atomic_lock = threading.Lock()
+
+
+@contextmanager
+def use_atomic_backward(enabled: bool = True) -> Iterator[None]:
+    """Turn the atomic backward on or off (process-wide: autograd runs backward on another thread), overriding
+    ``PTFAST_MLM_ATOMIC``."""
+    with _atomic_lock:
+        old = _atomic[0]
+        _atomic[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        with _atomic_lock:
+            _atomic[0] = old
+
+
+def atomic_backward_enabled() -> bool:
+    """Whether the atomic backward was asked for (``use_atomic_backward`` wins over ``PTFAST_MLM_ATOMIC``)."""
+    if _atomic[0] is not None:
+        return _atomic[0]
+    return os.environ.get("PTFAST_MLM_ATOMIC", "0") not in ("", "0")
+
+
+def backward_uses_atomics() -> bool:
+    """The backward's mode, checked when it runs: atomics if asked for, refused under deterministic mode."""
+    if not atomic_backward_enabled():
+        return False
+    triton_backend.alert_not_deterministic(
+        "ptfast.masked_lm_loss backward with atomics (use_atomic_backward / PTFAST_MLM_ATOMIC)"
+    )
+    return True
 
 
 def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -57,6 +89,12 @@ def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, in
     if device.type != "cuda":
         return k.INTERPRETER_BLOCKS
     return k.GPU_BLOCKS[4 if dtype == torch.float32 else 2]
+
+
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    """The kernels index labels and bias with unit stride (hidden and weight get their strides): a strided view
+    such as ``b[::2]`` is copied (V or N elements)."""
+    return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
 
 
 def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,14 +112,16 @@ def _compact(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Ten
 def forward(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int, label_smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    """Per-row ``(loss, logsumexp)``, each fp32 ``(N,)``; both 0 at ignored rows."""
+    """Per-row ``(loss, row_max, log_sum)``, each fp32 ``(N,)``: the loss and the log-sum-exp's two parts (``m``,
+    ``log(sum exp(z - m))``); all 0 at ignored rows."""
     from ptfast.backends.triton.masked_lm_loss_kernels import _mlm_fwd
 
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if n_rows == 0:
-        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+        return tuple(hidden.new_zeros(0, dtype=torch.float32) for _ in range(3))
     if vocab == 0 or hidden.shape[1] == 0:
         return _degenerate(hidden, weight, labels, bias, ignore_index, label_smoothing)
+    labels, bias = _unit_stride(labels), _unit_stride(bias)
     order, count, valid = _compact(labels, ignore_index, vocab)
     bm, bv, bk, warps, stages = _blocks(hidden.device, hidden.dtype)
     row_tiles, v_tiles = -(-n_rows // bm), -(-vocab // bv)
@@ -89,21 +129,27 @@ def forward(
     splits = -(-v_tiles // tiles_per_split)  # no empty split
     part = torch.empty((4, splits, n_rows), dtype=torch.float32, device=hidden.device)
     with triton_backend.device_guard(hidden):
-        _mlm_fwd[(row_tiles, splits)](
+        triton_backend.checked(_mlm_fwd, (row_tiles, splits))(
             hidden, weight, bias if bias is not None else part, labels, order, count, part,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), part.stride(0), part.stride(1),
             vocab, hidden.shape[1], tiles_per_split * bv, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_V=bv,
             BLOCK_K=bk, PRECISION=triton_backend.dot_precision(hidden.dtype, hidden.device), num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
-    # Combine the splits: lse = logsumexp over splits of (max + log(sum)); rows never written (ignored) -> 0.
-    m, s, z_target, z_sum = part[0], part[1], part[2].sum(0), part[3].sum(0)
+    # Combine the splits: the row max over splits, then log(sum over splits of s * exp(m - top)); rows never
+    # written (ignored) -> 0.
+    m, s, z_target = part[0], part[1], part[2].sum(0)
     top = m.amax(0)
-    lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+    log_sum = torch.log((s * torch.exp(m - top)).sum(0))
     eps = float(label_smoothing)
-    loss = lse - (1.0 - eps) * z_target - (eps / vocab) * z_sum  # (1-eps)(lse - z_t) + eps * mean_v(lse - z_v)
+    # (1 - eps)(lse - z_t) + eps * mean_v(lse - z_v), formed from (top - z) differences like log_softmax, so the
+    # log-sum-exp itself (rounded at the logits' magnitude: 5e-4 at 1e4) never enters the loss. Without
+    # smoothing the logit sum is left out altogether: 0 * (-inf) would make a row with a -inf logit NaN.
+    loss = log_sum + (1.0 - eps) * (top - z_target)
+    if eps > 0:
+        loss = loss - eps * (part[3].sum(0) / vocab - top)
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
+    return torch.where(valid, loss, zero), torch.where(valid, top, zero), torch.where(valid, log_sum, zero)
 
 
 @functools.cache
@@ -124,8 +170,7 @@ def _degenerate(hidden, weight, labels, bias, ignore_index, label_smoothing):
     # E == 0 (logits are the bias, or 0) or V == 0 (every label out of range): no GEMM to fuse.
     from ptfast.backends.torch import masked_lm_loss as torch_mlm
 
-    loss, lse = torch_mlm.forward(hidden, weight, labels, bias, ignore_index, label_smoothing)
-    return loss.float(), lse.float()
+    return tuple(t.float() for t in torch_mlm.forward(hidden, weight, labels, bias, ignore_index, label_smoothing))
 
 
 def backward(
@@ -134,7 +179,8 @@ def backward(
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None,
-    lse: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     ignore_index: int,
     label_smoothing: float,
     needs: tuple[bool, bool, bool],
@@ -154,10 +200,12 @@ def backward(
     dw = torch.zeros((vocab, embed), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     if n_rows > 0 and vocab > 0 and embed > 0 and (need_dh or need_dw or need_db):
+        labels, bias = _unit_stride(labels), _unit_stride(bias)
         order, count, _ = _compact(labels, ignore_index, vocab)
         bm, bv, bk, warps, stages = _blocks(dev, hidden.dtype)
-        dummy = lse
-        head = (grad, hidden, weight, bias if bias is not None else dummy, labels, order, count, lse)
+        lse_parts = torch.stack((row_max, log_sum), dim=1)  # the kernels read (m, log_sum) pairs, (N, 2)
+        dummy = lse_parts
+        head = (grad, hidden, weight, bias if bias is not None else dummy, labels, order, count, lse_parts)
         strides = (grad.stride(0), hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
         sizes = (vocab, embed, float(label_smoothing))
         meta = dict(
@@ -166,24 +214,24 @@ def backward(
         )  # fmt: skip
         row_tiles, v_tiles = -(-n_rows // bm), -(-vocab // bv)
         with triton_backend.device_guard(hidden):
-            if deterministic_backward():
-                if need_dh:
-                    _mlm_bwd_dh_deterministic[(row_tiles,)](*head, dh, *strides, *sizes, **meta)
-                if need_dw or need_db:
-                    _mlm_bwd_dw_deterministic[(v_tiles,)](
-                        *head, dw if dw is not None else dummy, db if db is not None else dummy, *strides, *sizes,
-                        NEED_DW=need_dw, NEED_DB=need_db, **meta,
-                    )  # fmt: skip
-            else:
-                _mlm_bwd[(row_tiles, v_tiles)](
+            if backward_uses_atomics():
+                triton_backend.checked(_mlm_bwd, (row_tiles, v_tiles))(
                     *head, dh if dh is not None else dummy, dw if dw is not None else dummy,
                     db if db is not None else dummy, *strides, *sizes, NEED_DH=need_dh, NEED_DW=need_dw,
                     NEED_DB=need_db, **meta,
                 )  # fmt: skip
+            else:
+                if need_dh:
+                    triton_backend.checked(_mlm_bwd_dh_deterministic, (row_tiles,))(*head, dh, *strides, *sizes, **meta)
+                if need_dw or need_db:
+                    triton_backend.checked(_mlm_bwd_dw_deterministic, (v_tiles,))(
+                        *head, dw if dw is not None else dummy, db if db is not None else dummy, *strides, *sizes,
+                        NEED_DW=need_dw, NEED_DB=need_db, **meta,
+                    )  # fmt: skip
     elif n_rows > 0 and embed == 0 and vocab > 0 and need_db:
         from ptfast.backends.torch import masked_lm_loss as torch_mlm  # logits are the bias alone
 
-        db = torch_mlm.backward(grad, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
+        db = torch_mlm.backward(grad, hidden, weight, labels, bias, row_max, log_sum, ignore_index, label_smoothing,
                                 (False, False, True))[2].float()  # fmt: skip
     return (
         dh.to(hidden.dtype) if dh is not None else None,

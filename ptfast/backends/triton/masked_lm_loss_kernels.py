@@ -13,14 +13,14 @@ covers every row, and programs whose row tile starts past the count exit at once
   K-loop of ``tl.dot`` over the hidden size with an fp32 accumulator (weight tiles are cast to hidden's dtype as
   they are loaded, so an fp32 weight under autocast is never copied), an online log-sum-exp in fp32, the target
   logit and (for label smoothing) the sum of logits. Writes per-split partials that the launcher combines.
-* ``_mlm_bwd``: one program per (row tile, vocabulary tile): recomputes its logit tile, forms
-  ``dlogits = g * (softmax - (1 - eps) * onehot - eps / V)`` in fp32, and adds ``dlogits @ W`` to dhidden,
-  ``dlogits^T @ h`` to dweight and the column sums to dbias, all fp32 buffers, with atomics (so the summation
-  order of the gradients varies run to run in the last bits).
-* ``_mlm_bwd_dh_deterministic`` / ``_mlm_bwd_dw_deterministic``: the bitwise-reproducible backward used under
-  ``torch.use_deterministic_algorithms(True)`` (or ``PTFAST_MLM_DETERMINISTIC=1``): one program per row tile
-  (dhidden) and one per vocabulary tile (dweight, dbias), each summing into its own rows in a fixed order; the
-  logit tiles are recomputed by both kernels (5 GEMMs in all instead of 4).
+* ``_mlm_bwd_dh_deterministic`` / ``_mlm_bwd_dw_deterministic``: the default, bitwise-reproducible backward: one
+  program per row tile (dhidden) and one per vocabulary tile (dweight, dbias), each summing into its own rows in
+  a fixed order; the logit tiles are recomputed by both kernels (5 GEMMs in all instead of 4). Each forms
+  ``dlogits = g * (softmax - (1 - eps) * onehot - eps / V)`` in fp32.
+* ``_mlm_bwd``: the opt-in atomic backward (``PTFAST_MLM_ATOMIC=1``): one program per (row tile, vocabulary tile)
+  recomputes its logit tile and adds ``dlogits @ W`` to dhidden, ``dlogits^T @ h`` to dweight and the column sums
+  to dbias, all fp32 buffers, with atomics (so the summation order of the gradients varies run to run in the
+  last bits).
 
 All row, vocabulary and hidden offsets are int64 (8192 x 256000 logits exceed 2^31).
 """
@@ -146,7 +146,8 @@ def _dlogits(
     rows,
     m_ok,
     target,
-    lse,
+    shift,
+    log_sum,
     g,
     offs_v,
     v_ok,
@@ -168,7 +169,10 @@ def _dlogits(
         H, W, BIAS, rows, m_ok, offs_v, v_ok, E, stride_hn, stride_he, stride_wv, stride_we,
         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
     )  # fmt: skip
-    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
+    # softmax = exp((z - m) - log(sum exp(z - m))) from the two saved parts: z - m is exact for logits near the
+    # max (they share its exponent), so a large common offset of the logits costs no accuracy, where subtracting
+    # one fp32 log-sum-exp (rounded at the logits' magnitude) would scale the whole row by up to exp(5e-4) at 1e4.
+    p = tl.exp2(((z - shift[:, None]) - log_sum[:, None]) * 1.4426950408889634)
     # formed in fp32 (the target column included) before any rounding
     dz = p - eps / V - tl.where(offs_v[None, :] == target[:, None], 1.0 - eps, 0.0)
     return tl.where(m_ok[:, None] & v_ok[None, :], dz * g[:, None], 0.0)
@@ -176,15 +180,17 @@ def _dlogits(
 
 @triton.jit
 def _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M: tl.constexpr):
-    """(rows, in-range mask, target, lse, incoming gradient) of the compacted valid rows ``m0 .. m0 + BLOCK_M``."""
+    """(rows, in-range mask, target, shift m, log(sum exp(z - m)), incoming gradient) of the compacted valid rows
+    ``m0 .. m0 + BLOCK_M``; ``LSE`` is the ``(N, 2)`` pair the forward saved."""
     count = tl.load(COUNT)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < count
     rows = tl.load(ORDER + offs_m, mask=m_ok, other=0).to(tl.int64)
     target = tl.load(LABELS + rows, mask=m_ok, other=0)
-    lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
+    shift = tl.load(LSE + 2 * rows, mask=m_ok, other=0.0)
+    log_sum = tl.load(LSE + 2 * rows + 1, mask=m_ok, other=0.0)
     g = tl.load(GRAD + rows * stride_g, mask=m_ok, other=0.0).to(tl.float32)
-    return rows, m_ok, target, lse, g
+    return rows, m_ok, target, shift, log_sum, g
 
 
 @triton.jit
@@ -221,11 +227,11 @@ def _mlm_bwd(
     m0 = tl.program_id(0) * BLOCK_M
     if m0 >= tl.load(COUNT):
         return
-    rows, m_ok, target, lse, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
+    rows, m_ok, target, shift, log_sum, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < V
     dz = _dlogits(
-        H, W, BIAS, rows, m_ok, target, lse, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
+        H, W, BIAS, rows, m_ok, target, shift, log_sum, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
         stride_we, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
     )  # fmt: skip
     if NEED_DB:
@@ -284,12 +290,12 @@ def _mlm_bwd_dh_deterministic(
     m0 = tl.program_id(0) * BLOCK_M
     if m0 >= tl.load(COUNT):
         return
-    rows, m_ok, target, lse, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
+    rows, m_ok, target, shift, log_sum, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
         dz = _dlogits(
-            H, W, BIAS, rows, m_ok, target, lse, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
+            H, W, BIAS, rows, m_ok, target, shift, log_sum, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
             stride_we, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
         )  # fmt: skip
         dz_lp = dz.to(H.dtype.element_ty)
@@ -342,9 +348,9 @@ def _mlm_bwd_dw_deterministic(
     count = tl.load(COUNT)
     db = tl.zeros([BLOCK_V], dtype=tl.float32)
     for m0 in range(0, count, BLOCK_M):
-        rows, m_ok, target, lse, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
+        rows, m_ok, target, shift, log_sum, g = _row_tile(ORDER, COUNT, LABELS, LSE, GRAD, stride_g, m0, BLOCK_M)
         dz = _dlogits(
-            H, W, BIAS, rows, m_ok, target, lse, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
+            H, W, BIAS, rows, m_ok, target, shift, log_sum, g, offs_v, v_ok, V, E, eps, stride_hn, stride_he, stride_wv,
             stride_we, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
         )  # fmt: skip
         if NEED_DB:
