@@ -59,3 +59,13 @@ def pytest_ignore_collect(collection_path, config):  # noqa: ANN001
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_faults():
+    """Forget remembered kernel faults and fallback warnings before and after the test (fault-injection tests)."""
+    from ptfast.testing import reset_faults
+
+    reset_faults()
+    yield
+    reset_faults()

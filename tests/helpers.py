@@ -39,6 +39,13 @@ def assert_ran(events: Iterable[tuple[str, str, str]], op: str, backend: str, ph
         assert (op, backend, phase) in events, f"expected {op}/{backend}/{phase} to run, saw {events}"
 
 
+def fallback_warnings(caught) -> list[str]:
+    """The messages of the ptfast.FallbackWarnings among warnings caught with ``warnings.catch_warnings``."""
+    import ptfast
+
+    return [str(w.message) for w in caught if issubclass(w.category, ptfast.FallbackWarning)]
+
+
 def peak_rss_growth_bytes(fn) -> int:
     """How far the process's peak resident memory rises above its current size while ``fn()`` runs (Linux).
 

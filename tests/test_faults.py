@@ -30,22 +30,13 @@ from ptfast.backends.torch import masked_lm_loss as torch_mlm
 from ptfast.backends.triton import attention as triton_attention
 from ptfast.backends.triton import conv as triton_conv
 from ptfast.backends.triton import masked_lm_loss as triton_mlm
-from ptfast.testing import known_faults, record_dispatch, reset_faults
-from tests.helpers import assert_close64
+from ptfast.testing import known_faults, record_dispatch
+from tests.helpers import assert_close64, fallback_warnings
 from tests.oracles import attention as attention_oracle
 from tests.oracles.conv import conv_relu_ref
 from tests.oracles.masked_lm_loss import masked_lm_loss as mlm_oracle
 
-
-@pytest.fixture(autouse=True)
-def _fresh_faults():
-    reset_faults()
-    yield
-    reset_faults()
-
-
-def _fallback_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if issubclass(w.category, ptfast.FallbackWarning)]
+pytestmark = pytest.mark.usefixtures("fresh_faults")
 
 
 def _attention_inputs(seed: int = 0, shape=(2, 3, 7, 8)):
@@ -78,7 +69,7 @@ def test_fault_reason_warns_once_under_auto_and_is_an_error_when_explicit(monkey
         warnings.simplefilter("always")
         _attention_check(q, k, v)
         _attention_check(q, k, v)
-    messages = _fallback_warnings(caught)
+    messages = fallback_warnings(caught)
     assert len(messages) == 1, messages
     assert "backend 'triton' is skipped" in messages[0] and "ImportError: injected" in messages[0]
     assert {e[1] for e in events if e[0] == "attention"} == {"torch"}
@@ -93,7 +84,7 @@ def test_plain_refusal_is_silent_under_auto(monkeypatch) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ptfast.attention(q, k, v)
-    assert _fallback_warnings(caught) == []
+    assert fallback_warnings(caught) == []
 
 
 def test_one_warning_per_fault_across_ops() -> None:
@@ -103,7 +94,7 @@ def test_one_warning_per_fault_across_ops() -> None:
         warnings.simplefilter("always")
         for op in ("attention", "conv_relu", "attention"):
             assert _dispatch.choose(op, impls, ("triton", "torch")) == "torch"
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
 
 
 class _FakeImpl:
@@ -226,7 +217,7 @@ def test_attention_kernel_fault_falls_back_forward_and_backward(monkeypatch, fai
     with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
         warnings.simplefilter("always")
         _attention_check(q, k, v, key_mask)
-    messages = _fallback_warnings(caught)
+    messages = fallback_warnings(caught)
     assert len(messages) == 1 and "_injected" in messages[0], messages
     expected = [("attention", "torch", "forward"), ("attention", "torch", "backward")]
     if fail_backward:  # forward ran on triton; backward fell back after the fault
@@ -238,7 +229,7 @@ def test_attention_kernel_fault_falls_back_forward_and_backward(monkeypatch, fai
     with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
         warnings.simplefilter("always")
         _attention_check(q, k, v, key_mask)
-    assert calls == [] and _fallback_warnings(caught) == []
+    assert calls == [] and fallback_warnings(caught) == []
     assert events == [("attention", "torch", "forward"), ("attention", "torch", "backward")]
     # Another input class (no key mask) is tried on triton again.
     calls.clear()
@@ -270,7 +261,7 @@ def test_masked_lm_loss_kernel_fault_falls_back(monkeypatch, fail) -> None:
         warnings.simplefilter("always")
         loss = ptfast.masked_lm_loss(h, w, labels, label_smoothing=0.1)
         grads = torch.autograd.grad(loss, (h, w))
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert ("masked_lm_loss", "torch", "backward") in events
     ref = mlm_oracle(h, w, labels, label_smoothing=0.1)
     assert_close64(loss, ref, "loss")
@@ -292,7 +283,7 @@ def test_conv_kernel_fault_falls_back(monkeypatch, pool) -> None:
         warnings.simplefilter("always")
         out = op(x, w)
         grads = torch.autograd.grad(out, (x, w), torch.ones_like(out))
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     name = "conv_relu_pool" if pool else "conv_relu"
     assert (name, "torch", "forward") in events and (name, "triton", "forward") not in events
     ref = conv_relu_ref(x, w, None, 1, pool)
@@ -309,7 +300,7 @@ def test_kernel_fault_falls_back_inside_a_compiled_graph(monkeypatch) -> None:
     with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
         warnings.simplefilter("always")
         out = compiled(q, k, v)
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert ("attention", "torch", "forward") in events
     assert_close64(out, attention_oracle.attention(q, k, v), "out")
 

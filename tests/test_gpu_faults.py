@@ -25,22 +25,11 @@ import ptfast
 from ptfast.backends import cuda as cuda_backend
 from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import attention_config
-from ptfast.testing import known_faults, record_dispatch, reset_faults
-from tests.helpers import assert_rule
+from ptfast.testing import known_faults, record_dispatch
+from tests.helpers import assert_rule, fallback_warnings
 from tests.oracles import attention as attention_oracle
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _fresh_faults():
-    reset_faults()
-    yield
-    reset_faults()
-
-
-def _fallback_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if issubclass(w.category, ptfast.FallbackWarning)]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_faults")]
 
 
 def _qkv(shape, dtype, seed=0):
@@ -68,7 +57,7 @@ def test_config_over_shared_memory_falls_back() -> None:
         with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
             warnings.simplefilter("always")
             _check_attention_against_oracle(q, k, v)
-        messages = _fallback_warnings(caught)
+        messages = fallback_warnings(caught)
         assert len(messages) == 1 and "_attn_fwd" in messages[0], messages
         assert ("attention", "torch", "forward") in events
         with ptfast.use_backend("triton"), pytest.raises(ptfast.KernelFault, match="_attn_fwd") as err:
@@ -88,7 +77,7 @@ def test_kernel_that_does_not_compile_falls_back(monkeypatch) -> None:
         warnings.simplefilter("always")
         _check_attention_against_oracle(q, k, v)
         _check_attention_against_oracle(q, k, v)
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert {e[1] for e in events} == {"torch"}
     assert len(known_faults()) == 1
     with ptfast.use_backend("triton"), pytest.raises(ptfast.KernelFault, match="_attn_fwd"):
@@ -106,7 +95,7 @@ def test_gpu_older_than_sm80_falls_back(monkeypatch) -> None:
             _check_attention_against_oracle(q, k, v)
             x = torch.randn(2, 8, 15, 15, device="cuda", dtype=torch.float16)
             ptfast.conv_relu(x, torch.randn(8, 8, 3, 3, device="cuda", dtype=torch.float16))
-        messages = _fallback_warnings(caught)
+        messages = fallback_warnings(caught)
         assert any("backend 'triton'" in m and "7.5 < 8.0" in m for m in messages), messages
         assert len(messages) <= 2  # one per backend (triton, cuda), not one per call or op
         assert {e[1] for e in events} == {"torch"}
@@ -134,7 +123,7 @@ def test_broken_cuda_extension_falls_back_to_the_next_backend(monkeypatch) -> No
             warnings.simplefilter("always")
             out = ptfast.conv_relu(x, w)
             ptfast.conv_relu(x, w)
-        messages = _fallback_warnings(caught)
+        messages = fallback_warnings(caught)
         assert len(messages) == 1 and "undefined symbol" in messages[0], messages
         assert {e[:2] for e in events if e[2] == "forward"} == {("conv_relu", "triton")}
         ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), padding=1))
@@ -152,7 +141,7 @@ def test_launch_grid_over_the_limit_falls_back() -> None:
     with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
         warnings.simplefilter("always")
         out = ptfast.attention(q, k, v)
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert events == [("attention", "torch", "forward")]
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

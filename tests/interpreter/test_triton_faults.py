@@ -29,24 +29,13 @@ from ptfast.backends.triton import (
     implicit_gemm_kernels,
     masked_lm_loss_kernels,
 )
-from ptfast.testing import known_faults, record_dispatch, reset_faults
-from tests.helpers import assert_close64
+from ptfast.testing import known_faults, record_dispatch
+from tests.helpers import assert_close64, fallback_warnings
 from tests.oracles import attention as attention_oracle
 from tests.oracles.conv import conv_relu_ref
 from tests.oracles.masked_lm_loss import masked_lm_loss as mlm_oracle
 
-pytestmark = pytest.mark.interpreter
-
-
-@pytest.fixture(autouse=True)
-def _fresh_faults():
-    reset_faults()
-    yield
-    reset_faults()
-
-
-def _fallback_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if issubclass(w.category, ptfast.FallbackWarning)]
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("fresh_faults")]
 
 
 def _attention_case(seed: int = 0):
@@ -83,7 +72,7 @@ def test_attention_forward_build_failure(monkeypatch) -> None:
         warnings.simplefilter("always")
         _attention_run_and_check(q, k, v, key_mask)
         _attention_run_and_check(q, k, v, key_mask)  # remembered: straight to torch, no second warning
-    messages = _fallback_warnings(caught)
+    messages = fallback_warnings(caught)
     assert len(messages) == 1 and "_attn_fwd" in messages[0] and "power of 2" in messages[0], messages
     assert {e[1] for e in events} == {"torch"}
     with ptfast.use_backend("triton"), pytest.raises(ptfast.KernelFault, match="kernel _attn_fwd failed to build"):
@@ -98,7 +87,7 @@ def test_attention_backward_build_failure_after_a_triton_forward(monkeypatch) ->
     with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
         warnings.simplefilter("always")
         _attention_run_and_check(q, k, v, key_mask)
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert events == [("attention", "triton", "forward"), ("attention", "torch", "backward")]
     with record_dispatch() as events:
         _attention_run_and_check(q, k, v, key_mask)
@@ -122,7 +111,7 @@ def test_masked_lm_loss_out_of_shared_memory_in_backward(monkeypatch) -> None:
         warnings.simplefilter("always")
         loss = ptfast.masked_lm_loss(h, w, labels, label_smoothing=0.1)
         grads = torch.autograd.grad(loss, (h, w))
-    messages = _fallback_warnings(caught)
+    messages = fallback_warnings(caught)
     assert len(messages) == 1 and "OutOfResources" in messages[0] and "shared memory" in messages[0], messages
     assert events == [("masked_lm_loss", "triton", "forward"), ("masked_lm_loss", "torch", "backward")]
     leaves = [t.detach().double().requires_grad_() for t in (h, w)]
@@ -153,7 +142,7 @@ def test_conv_ptxas_failure(monkeypatch, pool) -> None:
         warnings.simplefilter("always")
         out = op(x, w, b)
         grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
-    messages = _fallback_warnings(caught)
+    messages = fallback_warnings(caught)
     assert len(messages) == 1 and "PTXASError" in messages[0] and "_conv_gemm_fwd" in messages[0], messages
     assert (name, "torch", "forward") in events and (name, "triton", "forward") not in events
     leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
@@ -174,7 +163,7 @@ def test_attention_launch_grid_over_the_limit() -> None:
         warnings.simplefilter("always")
         out = ptfast.attention(q, k, v)
         ptfast.attention(q[:, :, :2], k, v)  # a second oversized call: no second warning
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert {e[1] for e in events} == {"torch"}
     assert_close64(out, attention_oracle.attention(q.double(), k.double(), v.double()), "out")
     # A per-call refusal: nothing remembered, and inputs under the limit still go to Triton.
@@ -195,7 +184,7 @@ def test_varlen_launch_grid_over_the_limit() -> None:
     with warnings.catch_warnings(record=True) as caught, record_dispatch() as events:
         warnings.simplefilter("always")
         out = ptfast.attention_varlen(q, k, v, cu, cu, 1, 1)
-    assert len(_fallback_warnings(caught)) == 1
+    assert len(fallback_warnings(caught)) == 1
     assert events == [("attention_varlen", "torch", "forward")]
     torch.testing.assert_close(out, v)  # one key per sequence: the output is that key's value
 
