@@ -102,3 +102,21 @@ def test_constant_while_compiling_uses_torchs_own_mark():
     marked = torch.compiler.assume_constant_result(probe)
     assert getattr(marked, "_dynamo_marked_constant", False) is True
     assert _dispatch.constant_while_compiling(lambda: None)._dynamo_marked_constant is True
+
+
+def test_compile_caches_are_tagged_with_the_op_definitions(monkeypatch) -> None:
+    """PyTorch's compile caches do not key on a custom op's fake kernel or autograd formula; the ops package adds a
+    hash of their definitions to cache_key_tag, once, after any tag the user set, and the hash follows the files."""
+    from torch.compiler import config as compiler_config
+
+    import ptfast.ops as ops
+
+    tag = f"ptfast-ops-{ops._definitions_digest()}"
+    assert tag in compiler_config.cache_key_tag.split(",")
+    monkeypatch.setattr(compiler_config, "cache_key_tag", "user-tag")
+    ops._tag_compile_caches()
+    ops._tag_compile_caches()
+    assert compiler_config.cache_key_tag == f"user-tag,{tag}"
+    real_read = ops.Path.read_bytes
+    monkeypatch.setattr(ops.Path, "read_bytes", lambda self: real_read(self) + b"# changed")
+    assert ops._definitions_digest() != tag.removeprefix("ptfast-ops-")
