@@ -48,16 +48,22 @@ _VARLEN_IMPLS = {
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 
-def _lse(impls: dict, backend: str, like: Tensor, shape: tuple) -> Tensor:
+def _lse_shape(impls: dict, backend: str, shape: tuple) -> tuple:
     saves = getattr(impls[_dispatch.split(backend)[0]], "SAVES_LSE", False)
-    return like.new_empty(shape if saves else (0,), dtype=torch.float32)
+    return tuple(shape) if saves else (0,)
+
+
+def _lse(impls: dict, backend: str, like: Tensor, shape: tuple) -> Tensor:
+    return like.new_empty(_lse_shape(impls, backend, shape), dtype=torch.float32)
 
 
 def _promised_lse(impls: dict, backend: str, lse: Tensor, like: Tensor, shape: tuple) -> Tensor:
     """The ``lse`` output in the shape the fake kernel promised for ``backend``. They differ only when ``auto``
     fell back to torch (which saves none) after a kernel fault; backward then falls back too and never reads it."""
-    promised = _lse(impls, backend, like, shape)
-    return lse if lse.shape == promised.shape else promised.fill_(float("nan"))
+    promised = _lse_shape(impls, backend, shape)
+    if tuple(lse.shape) == promised:
+        return lse
+    return like.new_full(promised, float("nan"), dtype=torch.float32)
 
 
 def _fault_key(q: Tensor, v: Tensor, masks: tuple, dropout_p: float, is_causal: bool) -> tuple:

@@ -183,10 +183,9 @@ def grid_reason(kernel: str, grid: tuple[int, ...]) -> str | None:
 
 def checked(kernel, grid: tuple[int, ...]):  # noqa: ANN001, ANN201 - a triton JITFunction and its launcher
     """``kernel[grid]`` after checking the grid against the hardware limits (a :class:`KernelFault` if over)."""
-    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
-    reason = grid_reason(name, grid)
-    if reason is not None:
-        raise KernelFault(reason, kind="launch-size", kernel=name)
+    if any(n > limit for n, limit in zip(grid, MAX_GRID, strict=False)):  # every launch: names only on a fault
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
+        raise KernelFault(grid_reason(name, grid), kind="launch-size", kernel=name)
     return kernel[grid]
 
 
