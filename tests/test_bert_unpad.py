@@ -206,6 +206,10 @@ def test_stock_path_where_unpadding_cannot_apply() -> None:
     torch.testing.assert_close(out.last_hidden_state, stock(input_ids=ids).last_hidden_state, rtol=TOL, atol=TOL)
     reason = bert_unpad.unpad_reason(ours, _mask(), {"cu_seq_lens_q": torch.zeros(2)})
     assert reason is not None and "padding-free" in reason
+    # A KV cache under either name (transformers 5.25 renamed past_key_values to cache).
+    for name in ("past_key_values", "cache"):
+        assert bert_unpad.unpad_reason(ours, _mask(), {name: object()}) == "KV cache"
+    assert bert_unpad.unpad_reason(ours, _mask(), {}) is None
 
 
 def test_return_tuple_and_copies() -> None:

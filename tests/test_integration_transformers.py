@@ -79,6 +79,50 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_create_mask_leaves_packed_sequences_to_the_attention_function(batch: int, is_causal: bool) -> None:
+    # Given position_ids and no 2-D mask, transformers composes `base AND same packed sequence` (5.17 for causal
+    # masks, 5.25 for bidirectional ones too). One packed row must not become a T x T mask: the attention function
+    # splits it at cu_seq_lens / restarting positions. Larger batches keep the exact 4-D mask.
+    mu = sys.modules["transformers"].masking_utils
+    total = sum(LENGTHS)
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None].expand(batch, -1)
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(LENGTHS)])
+    rows = seq[None].expand(batch, -1)
+    base = mu.causal_mask_function if is_causal else mu.bidirectional_mask_function
+    packed = mu.and_masks(base, mu.packed_sequence_mask_function(rows))
+    assert ptfast_hf.packed_sequence_base(packed) is base
+    if hasattr(mu, "remap_positions_for_packed_sequence"):  # the 5.25 form
+        remapped = mu.and_masks(
+            mu.remap_positions_for_packed_sequence(base, pos), mu.packed_sequence_mask_function(rows)
+        )
+        assert ptfast_hf.packed_sequence_base(remapped) is base
+    kw = dict(batch_size=batch, q_length=total, kv_length=total, q_offset=0, kv_offset=0, device="cpu")
+    got = ptfast_hf.create_mask(mask_function=packed, attention_mask=None, allow_is_causal_skip=False, **kw)
+    if batch == 1:
+        assert got is None
+    else:
+        expected = (seq[:, None] == seq[None, :]) & (
+            torch.ones(total, total, dtype=torch.bool).tril() if is_causal else True
+        )
+        assert got.shape == (batch, 1, total, total) and torch.equal(got[1, 0], expected)
+    # What transformers itself composes on this release reaches the same answer (the recognition engages).
+    config = _config("ptfast", is_decoder=is_causal)
+    embeds = torch.zeros(batch, total, HIDDEN)
+    if is_causal:
+        built = mu.create_causal_mask(config, embeds, None, None, position_ids=pos)
+        assert (built is None) == (batch == 1)
+    # Not the packed pattern: other compositions are built in full, never dropped.
+    window = mu.and_masks(base, mu.sliding_window_overlay(2))
+    assert ptfast_hf.packed_sequence_base(window) is None
+    assert ptfast_hf.packed_sequence_base(mu.or_masks(base, mu.packed_sequence_mask_function(rows))) is None
+    three = mu.and_masks(base, mu.packed_sequence_mask_function(rows), mu.sliding_window_overlay(2))
+    assert ptfast_hf.packed_sequence_base(three) is None
+    got = ptfast_hf.create_mask(mask_function=three, attention_mask=None, allow_is_causal_skip=False, **kw)
+    assert got is not None and got.shape == (batch, 1, total, total)
+
+
 def _assert_same_grads(ours: torch.nn.Module | dict, ref: torch.nn.Module | dict) -> None:
     """Every parameter gradient matches to TOL relative to its own norm, with a floor at 1e-6 of the whole
     gradient's norm: some gradients are zero up to rounding (a key bias cannot change a softmax)."""
@@ -137,7 +181,9 @@ def test_register_is_idempotent_and_visible() -> None:
 
 
 def test_old_transformers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    # The module ptfast imports: transformers 5.25 replaces its sys.modules entry once a lazy attribute loads, so
+    # this file's `transformers` may be an older object by now.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
     with pytest.raises(ImportError, match=r"transformers >= 5\.0"):
         ptfast_hf.register()
 

@@ -110,7 +110,8 @@ def unpad_reason(bert: nn.Module, attention_mask: object, kwargs: dict[str, Any]
         return f"attn_implementation={config._attn_implementation!r} (the packed row needs 'ptfast')"
     if config.is_decoder or kwargs.get("encoder_hidden_states") is not None:
         return "decoder / cross-attention"
-    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+    # transformers 5.25 renamed past_key_values to cache (the old name still accepted, with a deprecation warning).
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None or kwargs.get("use_cache"):
         return "KV cache"
     if any(kwargs.get(k) is not None for k in PADDING_FREE_KWARGS):
         return "already padding-free (cu_seq_lens_* given)"

@@ -15,18 +15,16 @@ What this module holds:
   ``transformers.masking_utils.AttentionMaskInterface``. Both are needed: a model looks its mask builder up by
   the same name, and when the name is missing there, transformers silently passes ``attention_mask=None`` to
   the attention function, so padding would be ignored.
-* :func:`create_mask` delegates to transformers' own mask builders. For plain bidirectional (BERT encoder) or
-  causal patterns it returns the 2-D key mask of the flash-attention builder: a ``(B, Lk)`` bool tensor, True =
-  real token, or ``None`` when nothing is padded. That maps onto ``ptfast.attention(key_mask=...)``, which
-  skips padded key blocks and never builds an ``L x L`` mask. Any other pattern (sliding windows, chunked
-  attention, packed-sequence or custom ``and``/``or`` mask functions) cannot be described by a key mask, and the
-  flash builder would silently drop it, so those fall back to transformers' SDPA builder, which returns a 4-D
-  bool mask (or ``None`` when the pattern needs none) that ptfast takes as ``attn_mask``.
+* :func:`create_mask` (:mod:`ptfast.integrations.transformers_mask`) delegates to transformers' own mask
+  builders: a plain bidirectional (BERT encoder) or causal pattern gets the flash-attention builder's ``(B, Lk)``
+  bool key mask (True = real token) or ``None`` when nothing is padded, which maps onto
+  ``ptfast.attention(key_mask=...)``; sequences packed into one row get ``None`` (their boundaries come from
+  ``cu_seq_lens_*`` or ``position_ids``); any other pattern gets the SDPA builder's 4-D bool mask.
 * :func:`attention_forward` is the attention function, with transformers' calling convention:
   ``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs)``, q/k/v
   ``(B, H, S, D)`` (non-contiguous views are fine), returning ``((B, S, H, D), None)``.
 
-Facts about transformers 5.x this relies on (checked on 5.17 and 5.23; 4.x picks attention classes per model
+Facts about transformers 5.x this relies on (checked on 5.17 and 5.25; 4.x picks attention classes per model
 and is not supported):
 
 * BERT's self-attention calls the function with ``dropout=0.0 if not self.training else self.dropout.p`` and
@@ -75,11 +73,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ptfast.integrations.transformers_mask import create_mask, packed_sequence_base
+
 # The ops module, not ``ptfast`` itself: this module may be imported while ``ptfast/__init__`` is still running
 # (e.g. by ``ptfast.patching``).
 from ptfast.ops.attention import attention, attention_varlen
 
-__all__ = ["DEFAULT_NAME", "HARMLESS_KWARGS", "attention_forward", "create_mask", "is_registered", "register"]
+__all__ = [
+    "DEFAULT_NAME",
+    "HARMLESS_KWARGS",
+    "attention_forward",
+    "create_mask",
+    "is_registered",
+    "packed_sequence_base",
+    "register",
+]
 
 DEFAULT_NAME = "ptfast"
 MIN_TRANSFORMERS = (5, 0)
@@ -168,28 +176,6 @@ def is_registered(name: str = DEFAULT_NAME) -> bool:
         attention_interface().get(name) is attention_forward
         and masking_utils.AttentionMaskInterface().get(name) is create_mask
     )
-
-
-# --- the mask function ------------------------------------------------------------------------------------
-
-
-def create_mask(*args: Any, **kwargs: Any) -> Tensor | None:
-    """Mask builder registered with ``AttentionMaskInterface`` (transformers' mask-interface signature).
-
-    Plain causal or bidirectional patterns: transformers' flash-attention builder, i.e. the ``(B, Lk)`` bool key
-    mask or ``None`` when nothing is padded. Any other ``mask_function`` (sliding window, chunked, packed
-    sequences, custom overlays): transformers' SDPA builder, a 4-D bool mask or ``None``, because the flash
-    builder ignores ``mask_function`` (flash kernels get those patterns from other arguments).
-    """
-    _, masking_utils = _transformers_interfaces()
-    # Transformers passes everything by keyword; the positional fallback mirrors the builders' parameter order.
-    if "mask_function" in kwargs:
-        mask_function = kwargs["mask_function"]
-    else:
-        mask_function = args[5] if len(args) > 5 else masking_utils.causal_mask_function
-    if mask_function in (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function):
-        return masking_utils.flash_attention_mask(*args, **kwargs)
-    return masking_utils.sdpa_mask(*args, **kwargs)
 
 
 # --- the attention function -------------------------------------------------------------------------------
@@ -399,9 +385,11 @@ def attention_forward(
     # 1. Padding-free batch described by the collator.
     if any(x is not None for x in (cu_q, cu_k, max_q, max_k)):
         if attention_mask is not None:
+            # A padding-free batch has no padding. A 4-D mask here is one the mask builder could not recognize
+            # as the packing cu_seq_lens already describe (see transformers_mask): refuse rather than guess.
             raise ValueError(
                 "attn_implementation='ptfast': got both a padding mask and cu_seq_lens_* (padding-free batch); "
-                "a padding-free batch has no padding, pass one or the other"
+                f"a padding-free batch has no padding, pass one or the other (mask: {_describe(attention_mask)})"
             )
         _check_sliding_window(sliding_window, int(max_k) if max_k is not None else Lk, False)
         out = _packed_forward(query, key, value, cu_q, cu_k, max_q, max_k, dropout, is_causal, scaling)
