@@ -281,8 +281,10 @@ def committed_configs(device: torch.device, dtype: torch.dtype) -> dict[str, tup
     if device.type == "cuda":
         cls = ac.device_class(device)
         attn, conv, mlm = ac.TABLES[cls][(elem, 64)], cc.TABLES[cls][(elem, 64)], mk.GPU_BLOCKS[elem]
+        mlm_bwd = mk.GPU_BLOCKS_BACKWARD[elem]
     else:
         attn, conv, mlm = ac.INTERPRETER_BLOCKS, cc.INTERPRETER_BLOCKS, mk.INTERPRETER_BLOCKS
+        mlm_bwd = mlm
 
     def mn(b) -> tuple:  # noqa: ANN001
         return (b.block_m, b.block_n, b.num_warps, b.num_stages)
@@ -292,9 +294,9 @@ def committed_configs(device: torch.device, dtype: torch.dtype) -> dict[str, tup
         "_attn_bwd_dkdv": mn(attn.backward_kv),
         "_attn_bwd_dq": mn(attn.backward_q),
         "_mlm_fwd": tuple(mlm),
-        "_mlm_bwd": tuple(mlm),
-        "_mlm_bwd_dh_deterministic": tuple(mlm),
-        "_mlm_bwd_dw_deterministic": tuple(mlm),
+        "_mlm_bwd": tuple(mlm_bwd),
+        "_mlm_bwd_dh_deterministic": tuple(mlm_bwd),
+        "_mlm_bwd_dw_deterministic": tuple(mlm_bwd),
         "_conv_gemm_fwd": mn(conv),
     }
 

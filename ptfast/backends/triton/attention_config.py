@@ -52,6 +52,13 @@ class KernelBlocks:
     forward: Blocks
     backward_kv: Blocks  # dK/dV kernel: one program per key block, loops over query blocks
     backward_q: Blocks  # dQ kernel: one program per query block, loops over key blocks
+    # The forward with dropout, where it needs narrower key tiles: the keep-mask hash of a score tile is live
+    # next to the accumulator, and at head dim 128 the wide tile spills (FlashAttention-2 narrows it the same way).
+    forward_dropout: Blocks | None = None
+
+    def forward_for(self, dropout: bool) -> Blocks:
+        """The forward's launch configuration, with or without dropout."""
+        return self.forward_dropout if dropout and self.forward_dropout is not None else self.forward
 
 
 MAX_HEAD_DIM = 256
@@ -59,20 +66,22 @@ HEAD_DIM_BUCKETS = (64, 128, 256)  # head dims up to 64 share a config (their ti
 
 # (bytes per element, head-dim bucket) -> configs. Forward: FlashAttention-2 style 128 x 64 tiles for half
 # types where registers allow; backward: narrow query tiles against wide key tiles for dK/dV and the reverse
-# for dQ (each program keeps its accumulator in registers).
+# for dQ (each program keeps its accumulator in registers). The half-precision entries of sm_80 and sm_90 for
+# head dims 64 and 128 are the hot variants: their warps per tile (8 where 4 spilled: half the accumulator
+# rows per thread) were chosen so that they compile without a register spill on Triton 3.6 through 3.9.
 _B = Blocks
 TABLES: dict[int, dict[tuple[int, int], KernelBlocks]] = {
     90: {
-        (2, 64): KernelBlocks(_B(128, 64, 4, 3), _B(32, 128, 4, 3), _B(128, 32, 4, 3)),
-        (2, 128): KernelBlocks(_B(128, 64, 8, 3), _B(32, 128, 8, 2), _B(128, 32, 8, 2)),
+        (2, 64): KernelBlocks(_B(128, 64, 8, 3), _B(32, 128, 8, 3), _B(128, 32, 4, 3)),
+        (2, 128): KernelBlocks(_B(128, 64, 8, 3), _B(32, 128, 8, 2), _B(128, 32, 8, 2), _B(128, 32, 8, 3)),
         (2, 256): KernelBlocks(_B(64, 32, 4, 2), _B(32, 64, 8, 2), _B(64, 32, 8, 2)),
         (4, 64): KernelBlocks(_B(64, 64, 4, 2), _B(32, 64, 4, 2), _B(64, 32, 4, 2)),
         (4, 128): KernelBlocks(_B(64, 32, 4, 2), _B(32, 64, 8, 2), _B(64, 32, 8, 2)),
         (4, 256): KernelBlocks(_B(32, 32, 4, 2), _B(16, 32, 8, 1), _B(32, 16, 8, 1)),
     },
     80: {
-        (2, 64): KernelBlocks(_B(128, 64, 4, 3), _B(32, 128, 4, 2), _B(128, 32, 4, 2)),
-        (2, 128): KernelBlocks(_B(128, 64, 8, 2), _B(32, 64, 8, 2), _B(64, 32, 8, 2)),
+        (2, 64): KernelBlocks(_B(128, 64, 8, 3), _B(32, 128, 8, 2), _B(128, 32, 8, 2)),
+        (2, 128): KernelBlocks(_B(128, 64, 8, 2), _B(32, 64, 8, 2), _B(64, 32, 8, 2), _B(128, 32, 8, 2)),
         (2, 256): KernelBlocks(_B(64, 32, 4, 2), _B(16, 64, 8, 1), _B(64, 16, 8, 1)),
         (4, 64): KernelBlocks(_B(64, 64, 4, 2), _B(32, 64, 4, 2), _B(64, 32, 4, 2)),
         (4, 128): KernelBlocks(_B(64, 32, 4, 2), _B(32, 32, 8, 2), _B(32, 32, 8, 2)),
@@ -123,6 +132,7 @@ def blocks_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> Kerne
         _forced_blocks("forward", base.forward),
         _forced_blocks("backward", base.backward_kv),
         _forced_blocks("backward", base.backward_q),
+        None if base.forward_dropout is None else _forced_blocks("forward", base.forward_dropout),
     )
 
 

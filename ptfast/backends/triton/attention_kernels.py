@@ -693,38 +693,85 @@ def _attn_bwd_dq(
 
 _TRITON_DTYPES = {2: ("fp16",), 4: ("fp32",)}
 
+#: The forms training runs all the time (constexprs on top of "everything off"). Each is registered as a hot
+#: variant (fp16 and bf16, head dims 64 and 128, for sm_80 and sm_90): it must compile without register spills.
+HOT_FORMS: dict[str, dict[str, object]] = {
+    "bert": {"HAS_KEY_MASK": True, "DROPOUT": True},  # padded BERT pretraining: padding mask + dropout 0.1
+    "bert-unpad": {"IS_VARLEN": True, "DROPOUT": True},  # ptfast.patch(unpad=True): packed tokens + dropout
+    "causal": {"CAUSAL": True},
+    "plain": {},
+}
+HOT_DTYPES = ("fp16", "bf16")
+HOT_HEAD_DIMS = (64, 128)
+HOT_ARCHS = (80, 90)
+
 
 def _strides(prefix: str, dims: str) -> dict[str, str]:
     return {f"stride_{prefix}{d}": "i32" for d in dims}
 
 
 def _register_configs() -> None:
-    """Register, for every table entry, the specializations whose compilation proves it fits its GPU class.
+    """Register, for every table entry, the specializations whose compilation proves it fits its GPU class, and
+    the hot variants, which must also compile without spills.
 
     The full cross product of dtypes x mask kinds x causal x dropout x varlen is thousands of variants. The
-    resource use (shared memory, registers) that decides whether a configuration fits is bounded by the variant
-    with every feature on; the plain variant is the one whose speed matters most; fp16 stands for bf16 (same
-    tile sizes, same instructions). So each table entry registers those two variants, and the small delta
-    kernel is registered once per head dim: a few minutes of CI instead of hours.
+    resource use (shared memory) that decides whether a configuration fits is bounded by the variant with every
+    feature on, so each table entry registers that one (spills allowed: a float mask plus key mask plus causal
+    plus dropout is rare). The forms that decide training speed are :data:`HOT_FORMS`, in both half types (bf16
+    is what BERT training uses; the tiles are the same as fp16's, the conversions are not). Table entries no hot
+    variant covers (fp32, head dim 256, sm_89) also register their plain variant.
     """
     for arch, table in attention_config.TABLES.items():
         for (nbytes, dim), blocks in table.items():
-            for heavy in (True, False):
-                _register_one(arch, _TRITON_DTYPES[nbytes][0], dim, blocks, heavy=heavy)
+            tdtype = _TRITON_DTYPES[nbytes][0]
+            _register_one(arch, tdtype, dim, blocks, "all-features", _ALL_FEATURES, hot=False)
+            hot = arch in HOT_ARCHS and nbytes == 2 and dim in HOT_HEAD_DIMS
+            if not hot:
+                _register_one(arch, tdtype, dim, blocks, "plain", {}, hot=False)
+                continue
+            for form, features in HOT_FORMS.items():
+                for dtype in HOT_DTYPES:
+                    _register_one(arch, dtype, dim, blocks, form, features, hot=True)
 
 
-def _register_one(arch: int, tdtype: str, dim: int, blocks: attention_config.KernelBlocks, heavy: bool) -> None:
+def _launch_ints(form: str, dim: int) -> dict[str, int]:
+    """Integer arguments of a typical launch of ``form``: BERT-base shapes (12 heads, length 512) as HF passes
+    them (q, k, v, dO: ``(B, L, H, D)`` transposed to ``(B, H, L, D)``; outputs and grads contiguous), packed
+    ``(total, H, D)`` tensors with an odd total for the unpadded form, a broadcast ``(B, 1, L, L)`` float mask
+    for the all-features form. Unit strides become constants in the compiled kernel, as they do at launch."""
+    heads, length, total = 12, 512, 3001
+    if form == "bert-unpad":
+        q = (0, dim, heads * dim, 1)
+        out = q
+        lse = (0, total, 1)
+        length = total
+    else:
+        q = (length * heads * dim, dim, heads * dim, 1)
+        out = (heads * length * dim, length * dim, dim, 1)
+        lse = (heads * length, length, 1)
+    key_mask = (length, 1) if form in ("bert", "all-features") else (0, 0)
+    mask = (length * length, 0, length, 1) if form == "all-features" else (0, 0, 0, 0)
+    ints = {"H": heads, "len_q": length, "len_k": length, "head_dim": dim}
+    for prefix, dims, strides in (
+        ("q", "bhmd", q), ("k", "bhnd", q), ("v", "bhnd", q), ("g", "bhmd", q), ("o", "bhmd", out),
+        ("dq", "bhmd", out), ("dk", "bhnd", out), ("l", "bhm", lse), ("m", "bhmn", mask), ("km", "bn", key_mask),
+    ):  # fmt: skip
+        ints.update({f"stride_{prefix}{d}": s for d, s in zip(dims, strides, strict=True)})
+    return ints
+
+
+_ALL_FEATURES: dict[str, object] = {"MASK_KIND": 2, "HAS_KEY_MASK": True, "CAUSAL": True, "DROPOUT": True}
+_NO_FEATURES: dict[str, object] = {"MASK_KIND": 0, "HAS_KEY_MASK": False, "CAUSAL": False, "DROPOUT": False,
+                                   "IS_VARLEN": False}  # fmt: skip
+
+
+def _register_one(
+    arch: int, tdtype: str, dim: int, blocks: attention_config.KernelBlocks, form: str,
+    features: dict[str, object], *, hot: bool,
+) -> None:  # fmt: skip
     ptr = f"*{tdtype}"
     precision = "tf32" if tdtype == "fp32" else "ieee"
-    features = {
-        "MASK_KIND": 2 if heavy else 0,
-        "HAS_KEY_MASK": heavy,
-        "CAUSAL": heavy,
-        "DROPOUT": heavy,
-        "IS_VARLEN": False,
-        "BLOCK_D": dim,
-        "PRECISION": precision,
-    }
+    constexprs = {**_NO_FEATURES, **features, "BLOCK_D": dim, "PRECISION": precision}
     common = {
         "MASK": ptr, "KEY_MASK": "*i1", "SEED": "*i64", "CU_Q": "*i32", "CU_K": "*i32",
         **_strides("q", "bhmd"), **_strides("k", "bhnd"), **_strides("v", "bhnd"), **_strides("l", "bhm"),
@@ -732,18 +779,23 @@ def _register_one(arch: int, tdtype: str, dim: int, blocks: attention_config.Ker
         "H": "i32", "len_q": "i32", "len_k": "i32", "head_dim": "i32", "qk_scale": "fp32",
         "drop_threshold": "i64", "drop_scale": "fp32",
     }  # fmt: skip
-    tag = f"{tdtype},d{dim},{'all-features' if heavy else 'plain'},sm{arch}"
-    aligned = ("Q", "K", "V")
-    fwd = blocks.forward
+    tag = f"{form},{tdtype},d{dim},sm{arch}"
+    # Pointers from torch's allocator are 16-byte aligned and the launch ints are a typical launch's (see
+    # _launch_ints): the JIT specializes on both, so the check compiles what that launch compiles.
+    aligned = ("Q", "K", "V", "LSE")
+    ints = _launch_ints(form, dim)
+    fwd = blocks.forward_for(bool(features.get("DROPOUT")))
     compile_targets.register(
         f"attention_fwd[{tag},{fwd.block_m}x{fwd.block_n},w{fwd.num_warps},s{fwd.num_stages}]",
         _attn_fwd,
         signature={"Q": ptr, "K": ptr, "V": ptr, "OUT": ptr, "LSE": "*fp32", **common, **_strides("o", "bhmd")},
-        constexprs={**features, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n},
+        constexprs={**constexprs, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n},
         num_warps=fwd.num_warps,
         num_stages=fwd.num_stages,
         divisible_by_16=(*aligned, "OUT"),
         archs=(arch,),
+        hot=hot,
+        launch_ints={k: v for k, v in ints.items() if not k.startswith(("stride_g", "stride_d"))},
     )
     bwd_sig = {
         "Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", **common,
@@ -755,21 +807,26 @@ def _register_one(arch: int, tdtype: str, dim: int, blocks: attention_config.Ker
         if kind == "dkdv":
             kernel = _attn_bwd_dkdv
             sig.update({"DK": ptr, "DV": ptr, "DQ_ACC": "*fp32"})
-            extra["ATOMIC_DQ"] = heavy
+            pointers = ("DK", "DV", "DQ_ACC")
+            # The opt-in atomic-dQ mode rides on the all-features variant; hot variants are the default backward.
+            extra["ATOMIC_DQ"] = form == "all-features"
         else:
             kernel = _attn_bwd_dq
             sig.update({"DQ": ptr})
+            pointers = ("DQ",)
         compile_targets.register(
             f"attention_bwd_{kind}[{tag},{cfg.block_m}x{cfg.block_n},w{cfg.num_warps},s{cfg.num_stages}]",
             kernel,
             signature=sig,
-            constexprs={**features, **extra, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
+            constexprs={**constexprs, **extra, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            divisible_by_16=(*aligned, "DO"),
+            divisible_by_16=(*aligned, "DO", "DELTA", *pointers),
             archs=(arch,),
+            hot=hot,
+            launch_ints={k: v for k, v in ints.items() if not k.startswith("stride_o")},
         )
-    if heavy or tdtype != "fp16":
+    if form != "plain" or tdtype != "fp16":  # the small delta kernel: once per (GPU class, head dim)
         return
     compile_targets.register(
         f"attention_bwd_delta[d{dim},sm{arch}]",
@@ -789,8 +846,11 @@ def _register_one(arch: int, tdtype: str, dim: int, blocks: attention_config.Ker
         constexprs={"IS_VARLEN": False, "BLOCK_M": DELTA_BLOCK_M, "BLOCK_D": dim},
         num_warps=4,
         num_stages=1,
-        divisible_by_16=("OUT", "DO"),
+        divisible_by_16=("OUT", "DO", "DELTA"),
         archs=(arch,),
+        hot=hot,
+        launch_ints={k: v for k, v in ints.items() if k.startswith(("stride_o", "stride_g", "stride_l"))}
+        | {"H": ints["H"], "len_q": ints["len_q"], "head_dim": dim},
     )
 
 

@@ -99,7 +99,7 @@ def forward(
         out.zero_()
         return lse.fill_(math.inf)
     head_dim = q.shape[-1]
-    blocks = attention_config.blocks_for(q.device, q.dtype, head_dim).forward
+    blocks = attention_config.blocks_for(q.device, q.dtype, head_dim).forward_for(dropout_p > 0)
     mask_t, mask_strides, mask_kind = _mask_args(mask, q)
     km_t, km_strides = _key_mask_args(key_mask, q)
     threshold, drop_scale = _dropout_args(dropout_p)

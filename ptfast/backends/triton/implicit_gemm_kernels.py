@@ -42,12 +42,20 @@ fp32 partial tile, and the launcher sums the splits in a fixed order (determinis
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Iterator
 
 import triton
 import triton.language as tl
 
 from ptfast.backends.triton import compile_targets, conv_config
 from ptfast.backends.triton.bias_relu_pool import _take
+
+
+@triton.jit
+def _int64(a, b, c, d):
+    # tl.cast, not .to(): the JIT turns a stride equal to 1 (channels_last's channel stride) into a constant int,
+    # which has no .to().
+    return tl.cast(a, tl.int64), tl.cast(b, tl.int64), tl.cast(c, tl.int64), tl.cast(d, tl.int64)
 
 
 @triton.jit
@@ -106,8 +114,8 @@ def _conv_gemm_fwd(
     pid_m, pid_n = _tile_ids(M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     if LARGE:  # some offset reaches 2^31: every index times a stride in int64 (else int32, fewer registers)
         pid_m = pid_m.to(tl.int64)
-        x_sn, x_sc, x_sh, x_sw = x_sn.to(tl.int64), x_sc.to(tl.int64), x_sh.to(tl.int64), x_sw.to(tl.int64)
-        o_sn, o_sc, o_sh, o_sw = o_sn.to(tl.int64), o_sc.to(tl.int64), o_sh.to(tl.int64), o_sw.to(tl.int64)
+        x_sn, x_sc, x_sh, x_sw = _int64(x_sn, x_sc, x_sh, x_sw)
+        o_sn, o_sc, o_sh, o_sw = _int64(o_sn, o_sc, o_sh, o_sw)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     if POOL:
@@ -234,8 +242,8 @@ def _conv_gemm_wgrad(
     split = tl.program_id(2)
     if LARGE:
         split = split.to(tl.int64)
-        g_sn, g_sc, g_sh, g_sw = g_sn.to(tl.int64), g_sc.to(tl.int64), g_sh.to(tl.int64), g_sw.to(tl.int64)
-        x_sn, x_sc, x_sh, x_sw = x_sn.to(tl.int64), x_sc.to(tl.int64), x_sh.to(tl.int64), x_sw.to(tl.int64)
+        g_sn, g_sc, g_sh, g_sw = _int64(g_sn, g_sc, g_sh, g_sw)
+        x_sn, x_sc, x_sh, x_sw = _int64(x_sn, x_sc, x_sh, x_sw)
     K = KH * KW * Cin
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < Cout
@@ -294,15 +302,14 @@ _VARIANTS.append((False, True, True))
 
 def _register_configs() -> None:
     """Every table entry of :mod:`.conv_config` for its own GPU class: the heaviest specialization (bias, pool,
-    argmax) and the plain one (dgrad), for both ways of walking K. fp16 stands for bf16 (same tile bytes)."""
+    argmax) and the plain one (dgrad), for both ways of walking K (dtypes: see :func:`_with_dtypes`)."""
     ints = ("M", "Cin", "Cout", "H", "W", "Ho", "Wo", "pad_h", "pad_w")
     strides = ("x_sn", "x_sc", "x_sh", "x_sw", "o_sn", "o_sc", "o_sh", "o_sw")
     pointers = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "argmax_ptr")
     for arch, table in conv_config.TABLES.items():
         for (elem, cout_bucket), blocks in table.items():
-            tdtype = _TRITON_DTYPES[elem][0]
             precision = "tf32" if elem == 4 else "ieee"
-            for flat_k, epilogue, large in _VARIANTS:
+            for (flat_k, epilogue, large), tdtype in _with_dtypes(arch, elem, _VARIANTS):
                 block_k = conv_config.flat_block_k(elem) if flat_k else blocks.block_k
                 compile_targets.register(
                     f"conv_gemm_fwd[sm{arch},{tdtype},cout{cout_bucket},{'flat' if flat_k else 'taps'},"
@@ -337,7 +344,55 @@ def _register_configs() -> None:
                     # channels_last with Cin a multiple of 16 (the tap walk): every stride but the channel's.
                     divisible_by_16=pointers + (() if flat_k else ("Cin", "Cout", "x_sn", "x_sh", "x_sw")),
                     archs=(arch,),
+                    hot=_is_hot(arch, elem, large),
+                    launch_ints=_fwd_launch_ints(flat_k, cout_bucket, pool=epilogue),
                 )
+
+
+def _layer(flat_k: bool, cout_bucket: int) -> tuple[int, int, int]:
+    """(Cin, Cout, H = W) of the VGG-16 layer a configuration stands for: the RGB stem for the flat K walk, else
+    the 64- or 128-channel block."""
+    if flat_k:
+        return 3, cout_bucket, 224
+    return cout_bucket, cout_bucket, 224 if cout_bucket == 64 else 112
+
+
+def _channels_last(c: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(n, c, h, w) strides of a channels_last tensor."""
+    return h * w * c, 1, w * c, c
+
+
+def _fwd_launch_ints(flat_k: bool, cout_bucket: int, pool: bool) -> dict[str, int]:
+    """Integer arguments of a typical launch (batch 32, channels_last, 3x3 padding 1): the JIT compiles the unit
+    channel stride as a constant, and so does the check."""
+    cin, cout, hw = _layer(flat_k, cout_bucket)
+    out_hw = hw // 2 if pool else hw
+    ints = {"M": 32 * hw * hw, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "Ho": out_hw, "Wo": out_hw}
+    ints |= {"pad_h": 1, "pad_w": 1}
+    ints |= dict(zip(("x_sn", "x_sc", "x_sh", "x_sw"), _channels_last(cin, hw, hw), strict=True))
+    return ints | dict(zip(("o_sn", "o_sc", "o_sh", "o_sw"), _channels_last(cout, out_hw, out_hw), strict=True))
+
+
+def _wgrad_launch_ints(flat_k: bool, cout_bucket: int) -> dict[str, int]:
+    cin, cout, hw = _layer(flat_k, cout_bucket)
+    ints = {"M": 32 * hw * hw, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "Hc": hw, "Wc": hw, "pad_h": 1}
+    ints |= {"pad_w": 1, "rows_per_split": 8192}
+    ints |= dict(zip(("g_sn", "g_sc", "g_sh", "g_sw"), _channels_last(cout, hw, hw), strict=True))
+    return ints | dict(zip(("x_sn", "x_sc", "x_sh", "x_sw"), _channels_last(cin, hw, hw), strict=True))
+
+
+def _with_dtypes(arch: int, elem: int, variants: Iterable[tuple[bool, ...]]) -> Iterator[tuple[tuple[bool, ...], str]]:
+    """(variant, Triton dtype) pairs to register: hot variants in every dtype of the size (fp16 and bf16 share
+    tiles, not conversions), the others in the first (which stands for the rest: same tile bytes)."""
+    for variant in variants:
+        hot = _is_hot(arch, elem, large=variant[-1])
+        for tdtype in _TRITON_DTYPES[elem] if hot else _TRITON_DTYPES[elem][:1]:
+            yield variant, tdtype
+
+
+def _is_hot(arch: int, elem: int, large: bool) -> bool:
+    """Half-precision entries of sm_80 / sm_90 with int32 indexing: what VGG training runs (must not spill)."""
+    return arch in (80, 90) and elem == 2 and not large
 
 
 def _register_wgrad_configs() -> None:
@@ -347,9 +402,8 @@ def _register_wgrad_configs() -> None:
     pointers = ("g_ptr", "x_ptr", "dw_part_ptr", "db_part_ptr")
     for arch, table in conv_config.TABLES.items():
         for (elem, cout_bucket), blocks in table.items():
-            tdtype = _TRITON_DTYPES[elem][0]
             block_m = conv_config.WGRAD_BLOCK_M[elem]
-            for flat_k, large in ((False, False), (True, False), (False, True)):
+            for (flat_k, large), tdtype in _with_dtypes(arch, elem, ((False, False), (True, False), (False, True))):
                 block_k = conv_config.flat_block_k(elem) if flat_k else blocks.block_k
                 compile_targets.register(
                     f"conv_gemm_wgrad[sm{arch},{tdtype},cout{cout_bucket},{'flat' if flat_k else 'taps'},dbias"
@@ -378,6 +432,8 @@ def _register_wgrad_configs() -> None:
                     num_stages=blocks.num_stages,
                     divisible_by_16=pointers + (() if flat_k else ("Cin", "Cout", "x_sn", "x_sh", "x_sw")),
                     archs=(arch,),
+                    hot=_is_hot(arch, elem, large),
+                    launch_ints=_wgrad_launch_ints(flat_k, cout_bucket),
                 )
 
 

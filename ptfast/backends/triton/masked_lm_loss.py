@@ -83,12 +83,12 @@ def backward_uses_atomics() -> bool:
     return True
 
 
-def _blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def _blocks(device: torch.device, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int, int]:
     from ptfast.backends.triton import masked_lm_loss_kernels as k
 
     if device.type != "cuda":
         return k.INTERPRETER_BLOCKS
-    return k.GPU_BLOCKS[4 if dtype == torch.float32 else 2]
+    return (k.GPU_BLOCKS_BACKWARD if backward else k.GPU_BLOCKS)[4 if dtype == torch.float32 else 2]
 
 
 def _unit_stride(t: Tensor | None) -> Tensor | None:
@@ -202,7 +202,7 @@ def backward(
     if n_rows > 0 and vocab > 0 and embed > 0 and (need_dh or need_dw or need_db):
         labels, bias = _unit_stride(labels), _unit_stride(bias)
         order, count, _ = _compact(labels, ignore_index, vocab)
-        bm, bv, bk, warps, stages = _blocks(dev, hidden.dtype)
+        bm, bv, bk, warps, stages = _blocks(dev, hidden.dtype, backward=True)
         lse_parts = torch.stack((row_max, log_sum), dim=1)  # the kernels read (m, log_sum) pairs, (N, 2)
         dummy = lse_parts
         head = (grad, hidden, weight, bias if bias is not None else dummy, labels, order, count, lse_parts)

@@ -375,16 +375,26 @@ def _mlm_bwd_dw_deterministic(
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) by bytes per element of hidden: one table for every
 # supported GPU (each entry fits the smallest shared memory, sm_89's 99 KiB; the compile check verifies it), and
-# small tiles under the interpreter so odd sizes span several tiles. Untuned: no GPU has timed them yet.
+# small tiles under the interpreter so odd sizes span several tiles. Untuned: no GPU has timed them yet. The
+# backward kernels keep a (BLOCK_M, BLOCK_V) fp32 dlogits tile live across their second GEMM's K loop, next to
+# that loop's accumulator: a narrower K step (same logit tile, same tensor-core shape) keeps them spill-free.
 GPU_BLOCKS = {2: (64, 128, 64, 8, 2), 4: (64, 64, 32, 4, 2)}
+GPU_BLOCKS_BACKWARD = {2: (64, 128, 32, 8, 2), 4: (64, 64, 32, 4, 2)}
 INTERPRETER_BLOCKS = (16, 32, 16, 4, 1)
 
 _DTYPES = ("fp16", "bf16", "fp32")
+
+# Integer arguments of a typical launch: the BERT-base head (hidden 768, vocabulary 30522) on contiguous tensors,
+# 4096 rows in 4 vocabulary splits. The JIT compiles unit strides as constants, and so does the check.
+_LAUNCH_INTS = {"stride_hn": 768, "stride_he": 1, "stride_wv": 768, "stride_we": 1, "V": 30522, "E": 768}
+_LAUNCH_INTS_FWD = {**_LAUNCH_INTS, "stride_pk": 4 * 4096, "stride_ps": 4096, "v_per_split": 7680}
+_LAUNCH_INTS_BWD = {**_LAUNCH_INTS, "stride_g": 1}
 
 
 def _register_configs() -> None:
     for tdtype in _DTYPES:
         bm, bv, bk, warps, stages = GPU_BLOCKS[4 if tdtype == "fp32" else 2]
+        bwd_bm, bwd_bv, bwd_bk, bwd_warps, bwd_stages = GPU_BLOCKS_BACKWARD[4 if tdtype == "fp32" else 2]
         ptr = f"*{tdtype}"
         precision = "tf32" if tdtype == "fp32" else "ieee"
         common_sig = {
@@ -392,6 +402,7 @@ def _register_configs() -> None:
             "stride_hn": "i32", "stride_he": "i32", "stride_wv": "i32", "stride_we": "i32", "V": "i32", "E": "i32",
         }  # fmt: skip
         blocks = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk, "PRECISION": precision}
+        bwd_blocks = {"BLOCK_M": bwd_bm, "BLOCK_V": bwd_bv, "BLOCK_K": bwd_bk, "PRECISION": precision}
         compile_targets.register(
             f"masked_lm_loss_fwd[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
             _mlm_fwd,
@@ -406,9 +417,11 @@ def _register_configs() -> None:
             num_warps=warps,
             num_stages=stages,
             divisible_by_16=("H", "W"),
+            hot=tdtype != "fp32",
+            launch_ints=_LAUNCH_INTS_FWD,
         )
         compile_targets.register(
-            f"masked_lm_loss_bwd[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            f"masked_lm_loss_bwd[{tdtype},{bwd_bm}x{bwd_bv}x{bwd_bk},w{bwd_warps},s{bwd_stages}]",
             _mlm_bwd,
             signature={
                 **common_sig,
@@ -420,29 +433,35 @@ def _register_configs() -> None:
                 "stride_g": "i32",
                 "eps": "fp32",
             },  # fmt: skip
-            constexprs={"HAS_BIAS": True, "NEED_DH": True, "NEED_DW": True, "NEED_DB": True, **blocks},
-            num_warps=warps,
-            num_stages=stages,
+            constexprs={"HAS_BIAS": True, "NEED_DH": True, "NEED_DW": True, "NEED_DB": True, **bwd_blocks},
+            num_warps=bwd_warps,
+            num_stages=bwd_stages,
             divisible_by_16=("H", "W"),
+            hot=tdtype != "fp32",
+            launch_ints=_LAUNCH_INTS_BWD,
         )
         det_sig = {**common_sig, "GRAD": "*fp32", "LSE": "*fp32", "stride_g": "i32", "eps": "fp32"}
         compile_targets.register(
-            f"masked_lm_loss_bwd_dh_deterministic[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            f"masked_lm_loss_bwd_dh_deterministic[{tdtype},{bwd_bm}x{bwd_bv}x{bwd_bk},w{bwd_warps},s{bwd_stages}]",
             _mlm_bwd_dh_deterministic,
             signature={**det_sig, "DH": "*fp32"},
-            constexprs={"HAS_BIAS": True, **blocks},
-            num_warps=warps,
-            num_stages=stages,
+            constexprs={"HAS_BIAS": True, **bwd_blocks},
+            num_warps=bwd_warps,
+            num_stages=bwd_stages,
             divisible_by_16=("H", "W"),
+            hot=tdtype != "fp32",
+            launch_ints=_LAUNCH_INTS_BWD,
         )
         compile_targets.register(
-            f"masked_lm_loss_bwd_dw_deterministic[{tdtype},{bm}x{bv}x{bk},w{warps},s{stages}]",
+            f"masked_lm_loss_bwd_dw_deterministic[{tdtype},{bwd_bm}x{bwd_bv}x{bwd_bk},w{bwd_warps},s{bwd_stages}]",
             _mlm_bwd_dw_deterministic,
             signature={**det_sig, "DW": "*fp32", "DB": "*fp32"},
-            constexprs={"HAS_BIAS": True, "NEED_DW": True, "NEED_DB": True, **blocks},
-            num_warps=warps,
-            num_stages=stages,
+            constexprs={"HAS_BIAS": True, "NEED_DW": True, "NEED_DB": True, **bwd_blocks},
+            num_warps=bwd_warps,
+            num_stages=bwd_stages,
             divisible_by_16=("H", "W"),
+            hot=tdtype != "fp32",
+            launch_ints=_LAUNCH_INTS_BWD,
         )
 
 
