@@ -7,7 +7,10 @@ One place decides which implementation (``torch``, ``triton`` or ``cuda``) runs 
 * each op module hands ``choose`` a table ``{backend name: implementation module}``; every implementation
   module exposes ``supports(**meta) -> str | None`` (``None`` = can run, else the reason it refuses);
 * ``auto`` walks the op's preference order and falls back to ``torch``; an explicitly requested backend that
-  refuses raises :class:`BackendNotSupportedError` with its reason, never a silent fallback.
+  refuses raises :class:`BackendNotSupportedError` with its reason, never a silent fallback;
+* verified or off: on a CUDA device ``auto`` takes a Triton or CUDA kernel only where the committed verification
+  record says it passed its GPU tests and measured faster than torch at that shape class
+  (:mod:`ptfast.verification`; ``PTFAST_ALLOW_UNVERIFIED=1`` opts in to the rest). Explicit backends are not gated.
 
 Faults (README, "Reliability"). A refusal is either a property of the inputs (fp64 for Triton, head dim 320):
 ``auto`` skips that backend silently; or an environment fault, a :class:`Fault` reason (triton or the CUDA
@@ -120,13 +123,22 @@ T = TypeVar("T")
 
 
 def choose(
-    op: str, impls: Mapping[str, BackendImpl], auto_order: tuple[str, ...], fault_key: tuple = (), **meta: object
+    op: str,
+    impls: Mapping[str, BackendImpl],
+    auto_order: tuple[str, ...],
+    fault_key: tuple = (),
+    *,
+    device: object = None,
+    shape_class: str | None = None,
+    **meta: object,
 ) -> str:
     """Pick the backend for one call of ``op``; ``meta`` is what the backends' ``supports`` look at.
 
     Returns the backend name for an explicit request, and ``"auto:<name>"`` when ``auto`` picked a backend other
     than torch (:func:`run` may then still fall back to torch on a :class:`KernelFault`). ``fault_key`` is the
-    input class a kernel fault is remembered for (the op's dtype, head dim, ...; see :func:`run`).
+    input class a kernel fault is remembered for (the op's dtype, head dim, ...; see :func:`run`). On a CUDA
+    ``device``, ``auto`` also needs the verification record to vouch for the backend at ``shape_class``
+    (:mod:`ptfast.verification`); an explicit request does not.
     """
     requested = requested_backend()
     if requested == "auto":
@@ -136,6 +148,8 @@ def choose(
             reason = impls[name].supports(**meta)
             if reason is None:
                 reason = known_fault(op, name, fault_key)
+                if reason is None and device is not None:
+                    reason = _unverified_reason(op, name, device, shape_class)
                 if reason is None:
                     return AUTO_PREFIX + name
             elif isinstance(reason, Fault):
@@ -145,6 +159,13 @@ def choose(
     if reason is not None:
         raise BackendNotSupportedError(f"ptfast.{op}: backend {requested!r} cannot run these inputs: {reason}")
     return requested
+
+
+def _unverified_reason(op: str, backend: str, device: object, shape_class: str | None) -> str | None:
+    # Imported here: ptfast.verification imports this module.
+    from ptfast.verification import auto_reason
+
+    return auto_reason(op, backend, device, shape_class)
 
 
 def split(backend: str) -> tuple[str, bool]:

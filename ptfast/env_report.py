@@ -140,6 +140,40 @@ def _implementation_status(op: str, impl: object) -> str:
     return f"implemented ({getattr(impl, '__name__', type(impl).__name__)})"
 
 
+def _verification_lines() -> list[str]:
+    """Per op and GPU backend: what the verification record lets ``auto`` pick on this machine's GPU."""
+    import torch
+
+    from ptfast import verification
+
+    record = verification.load_record()
+    lines = []
+    if verification.allow_unverified():
+        lines.append(f"{verification.ALLOW_UNVERIFIED_ENV}=1: auto also picks unverified kernels")
+    gpus = []
+    if torch.cuda.is_available():
+        gpus = sorted({verification.gpu_class_name(torch.cuda.get_device_capability(i))
+                       for i in range(torch.cuda.device_count())})  # fmt: skip
+    else:
+        lines.append("no CUDA GPU here: the gate applies to CUDA devices; the record's entries follow")
+    classes = gpus or sorted({e.gpu_class for e in record.entries})
+    for gpu in classes:
+        for op in OP_TABLES:
+            for backend in ("triton", "cuda"):
+                mine = [e for e in record.entries if (e.gpu_class, e.op, e.backend) == (gpu, op, backend)]
+                good = [e for e in mine if e.verdict() is None]
+                if not mine:
+                    state = "unverified (no record): auto runs the torch backend"
+                else:
+                    state = f"verified and faster at {len(good)} of {len(mine)} recorded shape classes"
+                    state += "; auto runs the torch backend at every other class"
+                lines.append(f"{gpu} {op:<16} {backend:<6} {state}")
+        lines += [f"  {line}" for line in verification.status_lines(record, gpu)]
+    if not record.entries:
+        lines.append("the record has no entries: on a GPU, auto runs the torch backend for every op")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from ptfast._dispatch import BACKENDS
 
@@ -177,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                 _line(f"    {name}", lambda: "no entry in the op's backend table")
             else:
                 _line(f"    {name}", lambda op=op, impl=table[name]: _implementation_status(op, impl))
+
+    print("\nVerified or off (what auto may pick on a GPU; ptfast/verified.json)", flush=True)
+    try:
+        for text in _verification_lines():
+            print(f"  {text}", flush=True)
+    except Exception as exc:
+        print(f"  ERROR ({type(exc).__name__}: {exc})", flush=True)
     return 0
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import ptfast
+from ptfast import verification
 from ptfast.backends import cuda as cuda_backend
 from ptfast.backends import triton as triton_backend
 from ptfast.backends.triton import attention_config
@@ -30,6 +31,27 @@ from tests.helpers import assert_rule, fallback_warnings
 from tests.oracles import attention as attention_oracle
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_faults")]
+
+
+@pytest.fixture(autouse=True)
+def _unverified_kernels_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These tests are about auto's fallback from kernels it picked; without a verification record for this GPU,
+    # auto would not pick them at all (ptfast.verification).
+    monkeypatch.setenv(verification.ALLOW_UNVERIFIED_ENV, "1")
+
+
+def test_auto_without_a_record_runs_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(verification.ALLOW_UNVERIFIED_ENV)
+    q, k, v = _qkv((2, 3, 129, 64), torch.bfloat16, seed=3)
+    x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16)
+    with verification.use_record(verification.Record()), record_dispatch() as events:
+        ptfast.attention(q, k, v).sum().backward()
+        ptfast.conv_relu_pool(x, w)
+    assert {backend for _, backend, _ in events} == {"torch"}, events
+    with verification.use_record(verification.Record()), ptfast.use_backend("triton"), record_dispatch() as events:
+        ptfast.attention(q, k, v)  # an explicit backend is not gated
+    assert events == [("attention", "triton", "forward")]
 
 
 def _qkv(shape, dtype, seed=0):

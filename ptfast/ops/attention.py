@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from ptfast import _dispatch, _dropout, _validation
+from ptfast import _dispatch, _dropout, _validation, verification
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import attention as torch_attention
 from ptfast.backends.torch import attention_varlen as torch_attention_varlen
@@ -462,10 +462,14 @@ def attention(
     _check_attention(op, query, key, value, attn_mask, key_mask, dropout_p, is_causal, scale)
     query, key, value, mask = _cast_inputs(op, query, key, value, _compact_mask(attn_mask))
     scale_f = _scale(scale, query.shape[-1])
+    shape_class = verification.attention_class(
+        query.dtype, int(query.shape[-1]), int(key.shape[2]), attn_mask=mask is not None,
+        key_mask=key_mask is not None, dropout=dropout_p > 0, causal=bool(is_causal),
+    )  # fmt: skip
     backend = _dispatch.choose(
         op, _IMPLS, _AUTO_ORDER, _fault_key(query, value, _mask_kinds(mask, key_mask), dropout_p, is_causal),
-        q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask, dropout_p=dropout_p, is_causal=is_causal,
-        scale=scale_f,
+        device=query.device, shape_class=shape_class, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
+        dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
     seed = _seed(dropout_p, query.device)
     out, _ = torch.ops.ptfast.attention(
@@ -509,8 +513,13 @@ def attention_varlen(
     )
     query, key, value, _ = _cast_inputs(op, query, key, value, None)
     scale_f = _scale(scale, query.shape[-1])
+    shape_class = verification.attention_class(
+        query.dtype, int(query.shape[-1]), int(max_seqlen_k), attn_mask=False, key_mask=False,
+        dropout=dropout_p > 0, causal=bool(is_causal), varlen=True,
+    )  # fmt: skip
     backend = _dispatch.choose(
-        op, _VARLEN_IMPLS, _AUTO_ORDER, _fault_key(query, value, (), dropout_p, is_causal), q=query, k=key,
+        op, _VARLEN_IMPLS, _AUTO_ORDER, _fault_key(query, value, (), dropout_p, is_causal),
+        device=query.device, shape_class=shape_class, q=query, k=key,
         v=value, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ptfast import _dispatch, _validation
+from ptfast import _dispatch, _validation, verification
 from ptfast.backends.cuda import conv as cuda_conv
 from ptfast.backends.torch import conv as torch_conv
 from ptfast.backends.triton import conv as triton_conv
@@ -180,9 +180,11 @@ def _conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, poo
         bias = bias.to(cast) if bias is not None else None
     else:
         _validation.check_same_dtype(op, x=x, weight=weight, bias=bias)
+    channels_last = _channels_last(x)
     backend = _dispatch.choose(
-        op, _IMPLS, _AUTO_ORDER, _fault_key(x, _channels_last(x), weight, padding, pool), x=x, weight=weight, bias=bias,
-        padding=padding, pool=pool,
+        op, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last, weight, padding, pool),
+        device=x.device, shape_class=verification.conv_class(x.dtype, channels_last, tuple(weight.shape), pool),
+        x=x, weight=weight, bias=bias, padding=padding, pool=pool,
     )  # fmt: skip
     need_argmax = pool and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     out, _ = torch.ops.ptfast.conv_relu(x, weight, bias, padding, pool, need_argmax, backend)

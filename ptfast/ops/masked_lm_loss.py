@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ptfast import _dispatch, _validation
+from ptfast import _dispatch, _validation, verification
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import masked_lm_loss as torch_mlm
 from ptfast.backends.triton import masked_lm_loss as triton_mlm
@@ -276,6 +276,8 @@ def masked_lm_loss(
         _IMPLS,
         _AUTO_ORDER,
         _fault_key(hidden, weight, bias),
+        device=hidden.device,
+        shape_class=verification.masked_lm_loss_class(hidden.dtype, int(hidden.shape[-1])),
         hidden=hidden,
         weight=weight,
         labels=labels,
