@@ -108,10 +108,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seconds of timed repetitions per measurement (default 0.1 on CUDA, 0.05 on CPU)",
     )
     ap.add_argument(
+        "--one-rep",
+        action="store_true",
+        help="one warm-up and one timed repetition: proves every step runs (the CPU rehearsal of first contact), "
+        "measures nothing",
+    )
+    ap.add_argument(
         "--time-limit",
         type=float,
         default=None,
         help="wall-clock seconds for the whole run; later measurements are recorded as skipped",
+    )
+    ap.add_argument(
+        "--cases", nargs="+", default=None, metavar="GLOB", help="only the shapes whose name matches (fnmatch globs)"
+    )
+    ap.add_argument(
+        "--check-backends",
+        action="store_true",
+        help="check every ptfast provider 'name[backend]' against 'name[torch]': forward output and gradients "
+        "(torch is seeded before each provider's first call, so ptfast's dropout masks agree across backends)",
     )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--list", action="store_true", help="list ops, shapes and providers, then exit")
@@ -178,11 +193,34 @@ def _dispatch_recorder() -> Iterator[list[tuple[str, str, str]]]:
 # --- one measurement -----------------------------------------------------------------------------------------
 
 
+#: Seed set before every provider's first call under --check-backends (ptfast's dropout mask is a hash of a seed
+#: drawn from torch's generator, so equal seeds give every ptfast backend the same mask).
+CHECK_SEED = 1234
+#: --check-backends tolerance on relative errors, by the run's dtype: a sanity bound that catches a wrong kernel,
+#: not a precision rule (the GPU smoke test applies DESIGN.md §4 against float64).
+CHECK_TOL = {torch.float16: 3e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-10}
+GRADS = "#grads"
+
+
+def torch_twin(provider: str) -> str | None:
+    """``ptfast-varlen[triton]`` -> ``ptfast-varlen[torch]``: the provider a ptfast backend is checked against."""
+    m = re.fullmatch(r"(ptfast[^\[]*)\[[^\]]*\]", provider)
+    twin = f"{m.group(1)}[torch]" if m else None
+    return twin if twin != provider else None
+
+
+def _flat_grads(out: Any) -> torch.Tensor | None:
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return torch.cat([t.detach().reshape(-1).float() for t in out])
+    return None
+
+
 class Runner:
-    def __init__(self, opts: Options, budget: Budget, deadline: float | None) -> None:
+    def __init__(self, opts: Options, budget: Budget, deadline: float | None, check: bool = False) -> None:
         self.opts = opts
         self.budget = budget
         self.deadline = deadline
+        self.check = check
         self.l2 = l2_cache_bytes(opts.device)
         self.flusher = L2Flusher(opts.device) if opts.cuda else None
 
@@ -221,15 +259,23 @@ class Runner:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()
                 steps = [prov.build(case, s, mode) for s in sets]
+                if self.check:
+                    torch.manual_seed(CHECK_SEED)
                 with _dispatch_recorder() as events:
                     out = steps[0]()  # untimed first call: compilation, autotuning, validation
                     self.sync()
                 rec["first_call_s"] = round(time.perf_counter() - t0, 3)
             rec["dispatch"] = sorted({f"{op}:{backend}:{phase}" for op, backend, phase in events})
-            if mode in COMPARED_MODES and not case.params.get("dropout"):
+            # With dropout only ptfast's providers are comparable, and only when seeded alike (--check-backends).
+            comparable = not case.params.get("dropout") or (self.check and prov.kind == "ptfast")
+            if mode in COMPARED_MODES and comparable:
                 canon = prov.canonical(case, sets[0], out) if prov.canonical else out
                 if isinstance(canon, torch.Tensor):
                     outputs.setdefault(prov.name, canon.detach())
+            if self.check and mode == "fwd+bwd" and prov.kind == "ptfast":
+                grads = _flat_grads(out)
+                if grads is not None:
+                    outputs.setdefault(prov.name + GRADS, grads)
             del out
             flusher = self.flusher if flush else None
             rec["timing"] = time_steps(steps, self.opts.device, self.budget, flusher).summary()
@@ -275,8 +321,36 @@ def _throughput(rec: dict[str, Any], spec: OpSpec, case: Case) -> None:
             rec[f"{key}items_per_s"] = items / sec
 
 
-def _finish_case(spec: OpSpec, case: Case, recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor]) -> None:
-    """Derived best-of rows, throughput, speed-up vs the baseline and error vs the reference output."""
+def _check(recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor], tol: float) -> None:
+    """--check-backends: each ptfast provider's forward output (or, in fwd+bwd, its gradients) against its torch
+    twin's, relative error within ``tol`` (CHECK_TOL of the run's dtype); the result goes to ``rec["check"]``."""
+    for rec in recs:
+        twin = torch_twin(rec["provider"])
+        if twin is None or rec["status"] != "ok" or rec.get("derived_from"):
+            continue
+        key = GRADS if rec["mode"] == "fwd+bwd" else ""
+        out, ref = outputs.get(rec["provider"] + key), outputs.get(twin + key)
+        if out is None or ref is None:
+            continue
+        if out.shape != ref.shape:
+            rec["check"] = {
+                "against": twin,
+                "passed": False,
+                "reason": f"shape {tuple(out.shape)} vs {tuple(ref.shape)}",
+            }
+            continue
+        ref64 = ref.double()
+        err = (out.double() - ref64).norm().item() / (ref64.norm().item() or 1.0)
+        rec["check"] = {"against": twin, "what": "grads" if key else "output", "rel_err": err, "tol": tol,
+                        "passed": bool(err <= tol)}  # fmt: skip
+
+
+def _finish_case(
+    spec: OpSpec, case: Case, recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor], check_tol: float = 0.0
+) -> None:
+    """Derived best-of rows, throughput, speed-up vs the baseline and error vs the reference output (and the
+    --check-backends checks, which compare only what was stored for them)."""
+    _check(recs, outputs, check_tol)
     for rec in recs:
         if rec["status"] == "ok":
             _throughput(rec, spec, case)
@@ -338,7 +412,7 @@ def run_op(
     spec: OpSpec, runner: Runner, args: argparse.Namespace, meta: dict[str, Any], out_dir: Path, stem: str
 ) -> dict[str, Any]:
     opts = runner.opts
-    cases = spec.cases(opts)
+    cases = [c for c in spec.cases(opts) if not args.cases or any(fnmatch.fnmatchcase(c.name, g) for g in args.cases)]
     providers = _select(spec.providers(opts), args.providers)
     # A training-step op runs its own modes (spec.modes); every other op the --modes given.
     modes = list(spec.modes) if spec.modes else list(args.modes)
@@ -393,7 +467,10 @@ def run_op(
                     rec = runner.measure(spec, case, prov, mode, sets, flush, outputs)
                     recs.append(rec)
                     log("  " + _line(rec))
-            _finish_case(spec, case, recs, outputs)
+            _finish_case(spec, case, recs, outputs, CHECK_TOL.get(opts.dtype, 3e-2))
+            for rec in recs:
+                if rec.get("check") and not rec["check"]["passed"]:
+                    log(f"  CHECK FAILED {rec['mode']} {rec['provider']} vs {rec['check']['against']}: {rec['check']}")
             result["results"].extend(recs)
             del sets, outputs
             gc.collect()
@@ -463,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list(opts)
         return 0
-    if args.budget is not None:
+    if args.one_rep:
+        budget = Budget(measure_s=0.0, min_reps=1, max_reps=1, warmup_reps=1, warmup_s=0.0)
+    elif args.budget is not None:
         budget = Budget(measure_s=args.budget)
     elif device.type == "cuda":
         budget = Budget(measure_s=0.1, min_reps=10, max_reps=100)
@@ -480,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = list(REGISTRY) if args.all else list(dict.fromkeys(args.op))
     meta = env.collect(device, argv)
     log(f"device {meta['device']} · torch {meta['torch']} · triton {meta['triton']} · out {out_dir}")
-    runner = Runner(opts, budget, deadline)
+    runner = Runner(opts, budget, deadline, args.check_backends)
     suffix = "-deterministic" if args.deterministic else ""
     failed = 0
     for name in ops:

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The one script a lent GPU machine runs.
 #
+#   bash scripts/gpu_run.sh first-contact         # FIRST on a bare GPU (under 9 minutes): install (csrc/ for this
+#                                                 #   GPU's arch only), GPU correctness smoke, headline benchmarks,
+#                                                 #   verification record (ptfast/verified.json: commit it), and
+#                                                 #   the order of the GPU test slices to run next. On a machine
+#                                                 #   without a GPU: the CPU rehearsal (CI runs it), under 3 minutes
+#   bash scripts/gpu_run.sh tests-slice NAME      # one slice of the GPU test tier (first-contact prints the order;
+#                                                 #   python -m benchmarks.first_contact tier lists them)
 #   bash scripts/gpu_run.sh setup                 # environment report + in-place install (builds csrc/ if nvcc)
 #   bash scripts/gpu_run.sh tests [PYTEST_ARGS]   # + GPU test tier (python3 tests/run.py --gpu [PYTEST_ARGS]);
 #                                                 #   split it over commands with e.g. -m gpu -k "faults or opcheck"
@@ -30,9 +37,10 @@ cd "$ROOT" || exit 2
 PHASE="${1:-all}"
 [[ $# -gt 0 ]] && shift
 case "$PHASE" in
-  setup|tests|bench|convergence|all) ;;
-  -h|--help|help) sed -n '2,18p' "$0"; exit 0 ;;
-  *) echo "usage: bash scripts/gpu_run.sh [setup|tests|bench|convergence|all] [extra args]" >&2; exit 2 ;;
+  first-contact|tests-slice|setup|tests|bench|convergence|all) ;;
+  -h|--help|help) sed -n '2,26p' "$0"; exit 0 ;;
+  *) echo "usage: bash scripts/gpu_run.sh [first-contact|tests-slice NAME|setup|tests|bench|convergence|all] [args]" >&2
+     exit 2 ;;
 esac
 
 PY="${PYTHON:-python3}"
@@ -65,12 +73,12 @@ record() {  # record PHASE RC
 
 pack() {
   local archive="$OUT/ptfast_gpu_results.tar.gz"
-  note "packing logs and benchmarks/results into $archive"
-  tar -czf "$archive" -C "$WORK" logs -C "$ROOT" benchmarks/results \
+  note "packing logs, benchmarks/results and ptfast/verified.json into $archive"
+  tar -czf "$archive" -C "$WORK" logs -C "$ROOT" benchmarks/results ptfast/verified.json \
     || echo "[gpu_run] tar failed" >&2
   # Copies of the small logs (the archive + these stay under the 8-file limit of \$OUT).
   local f
-  for f in status.log env.log install.log tests.log bench.log convergence.log; do
+  for f in status.log first_contact.md env.log install.log tests.log bench.log; do
     if [[ -f "$LOGS/$f" && $(stat -c %s "$LOGS/$f") -lt 4000000 ]]; then cp "$LOGS/$f" "$OUT/$f"; fi
   done
 }
@@ -99,7 +107,13 @@ phase_install() {
     return 0
   fi
   local t; t="$(left "$INSTALL_TIMEOUT")"
-  note "install: $PY -m pip install --no-build-isolation --no-deps -e . (timeout ${t}s)"
+  if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    # Build csrc/ for this machine's GPU only (a third of the default three-arch build time).
+    local arch
+    arch="$("$PY" -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")' 2>/dev/null)"
+    [[ -n "$arch" ]] && export TORCH_CUDA_ARCH_LIST="$arch"
+  fi
+  note "install: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default} $PY -m pip install --no-build-isolation --no-deps -e . (timeout ${t}s)"
   timeout "$t" "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee "$LOGS/install.log"
   local rc=$?
   if [[ $rc -eq 0 ]]; then
@@ -167,10 +181,86 @@ phase_convergence() {
   record convergence $?
 }
 
+gpu_visible() {
+  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null
+}
+
+phase_first_contact() {
+  # Steps and budgets (seconds; the command must end inside CMD_BUDGET): smoke 160, headline ~255 (the sum of
+  # its invocations' --time-limit plus process start-up), record + summary + tier 40.
+  local dev=cuda jobs=8 fc="$WORK/first_contact" rc
+  if ! gpu_visible; then
+    dev=cpu; jobs=2
+    note "first-contact: no CUDA GPU visible: CPU REHEARSAL (Triton interpreter, fp16, tiny shapes; nothing is committed)"
+  fi
+  rm -rf "$fc"; mkdir -p "$fc/bench"
+  local t; t="$(left "${PTFAST_SMOKE_TIMEOUT:-200}")"
+  note "first-contact: smoke ($dev, $jobs processes at a time, timeout ${t}s)"
+  timeout "$t" "$PY" -m benchmarks.first_contact smoke --device "$dev" --jobs "$jobs" --timeout 150 \
+    --out "$fc/smoke.json" 2>&1 | tee "$LOGS/smoke.log"
+  rc=${PIPESTATUS[0]}; record smoke "$rc"
+  t="$(left "${PTFAST_HEADLINE_TIMEOUT:-330}")"
+  note "first-contact: headline benchmarks (timeout ${t}s)"
+  timeout "$t" "$PY" -m benchmarks.first_contact headline --device "$dev" --out-dir "$fc/bench" 2>&1 \
+    | tee "$LOGS/headline.log"
+  rc=${PIPESTATUS[0]}; record headline "$rc"
+  local package=() name=verified.json
+  # On a GPU a failure is a finding (recorded, summarized); in the rehearsal it means the script is broken.
+  if [[ "$dev" == cuda ]]; then package=(--package); else package=(--strict); name=verified.rehearsal.json; fi
+  timeout 120 "$PY" -m benchmarks.first_contact record --device "$dev" --smoke "$fc/smoke.json" \
+    --results "$fc/bench" --out "$fc/$name" "${package[@]}" 2>&1 | tee "$LOGS/record.log"
+  rc=${PIPESTATUS[0]}; record record "$rc"
+  timeout 60 "$PY" -m benchmarks.first_contact summary --device "$dev" --smoke "$fc/smoke.json" \
+    --results "$fc/bench" --record "$fc/$name" --out "$LOGS/first_contact.md" 2>&1 | tail -n 2
+  if [[ "$dev" == cuda ]]; then
+    # Into the repository tree, so the archive carries them and a session commits them as they are.
+    local dest; dest="$ROOT/benchmarks/results/$("$PY" -c 'import torch; from benchmarks import env; print(env.device_slug(torch.device("cuda")))')/first_contact"
+    mkdir -p "$dest" && cp -r "$fc"/smoke.json "$fc"/bench "$fc/$name" "$LOGS/first_contact.md" "$dest"/
+  else
+    cp "$fc/$name" "$LOGS/$name"
+  fi
+  note "first-contact: the rest of the GPU tier, in this order (one command each):"
+  timeout 120 "$PY" -m benchmarks.first_contact tier --out "$fc/tier_plan.json" 2>&1 | tee -a "$LOGS/status.log"
+  if [[ "$dev" == cpu ]]; then  # the rehearsal also proves the slices hold every GPU test exactly once
+    timeout 300 "$PY" -m benchmarks.first_contact tier --check 2>&1 | tail -n 3 | tee -a "$LOGS/status.log"
+    rc=${PIPESTATUS[0]}; record tier-coverage "$rc"
+  fi
+}
+
+phase_tests_slice() {
+  local name="${1:?tests-slice needs a slice name (python -m benchmarks.first_contact tier lists them)}"
+  local args t
+  args="$("$PY" -c 'import sys; from benchmarks.first_contact import tier; print("\n".join(tier.slice_args(sys.argv[1])))' "$name")" \
+    || { note "tests-slice: unknown slice $name"; record tests 2; return; }
+  mapfile -t args <<< "$args"
+  t="$(left "$TESTS_TIMEOUT")"
+  note "tests-slice $name: $PY tests/run.py --gpu -m gpu ${args[*]} (timeout ${t}s)"
+  timeout "$t" "$PY" tests/run.py --gpu -m gpu "${args[@]}" --junitxml="$LOGS/junit-$name.xml" 2>&1 \
+    | tee -a "$LOGS/tests.log"
+  record tests "${PIPESTATUS[0]}"
+  # Measured durations, for the next plan (python -m benchmarks.first_contact tier reads them when committed).
+  "$PY" - "$LOGS/junit-$name.xml" "$ROOT/benchmarks/results" <<'PYEOF' 2>&1 | tail -n 1
+import json, sys, torch
+from pathlib import Path
+from benchmarks import env
+from benchmarks.first_contact import tier
+xml = Path(sys.argv[1])
+if xml.is_file():
+    dest = Path(sys.argv[2]) / env.device_slug(torch.device("cuda")) / "tier_durations.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(dest.read_text()) if dest.is_file() else {}
+    old.update(tier.durations_from_junit(xml.read_text()))
+    dest.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    print(f"durations of {len(old)} tests in {dest}")
+PYEOF
+}
+
 phase_env
 phase_install
 phase_wheels
 case "$PHASE" in
+  first-contact) phase_first_contact ;;
+  tests-slice) phase_tests_slice "$@" ;;
   setup) ;;
   tests) phase_tests "$@" ;;
   bench) phase_bench "$@" ;;

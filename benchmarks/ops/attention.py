@@ -362,7 +362,9 @@ def _flex(opts: Options) -> Provider:
 def providers(opts: Options) -> list[Provider]:
     out = [_ptfast(b) for b in PTFAST_BACKENDS]
     out.append(_ptfast("triton", atomic_dq=True))  # fastest mode, reported apart from the deterministic default
-    out += [_ptfast_varlen(b) for b in (PTFAST_BACKENDS if opts.full else ("auto",))]
+    # Packed attention is the larger lever for padded batches (DESIGN §3): its torch and triton backends are timed
+    # by default (first contact's record needs both); the cuda one (no kernel yet) only with --full.
+    out += [_ptfast_varlen(b) for b in (PTFAST_BACKENDS if opts.full else ("torch", "triton", "auto"))]
     out += [_sdpa(s, opts) for s in SDPA_BACKENDS]
     out += [_sdpa_nested(), _flex(opts)]
     return out

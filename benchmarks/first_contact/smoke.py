@@ -1,0 +1,439 @@
+"""GPU correctness smoke: each kernel family once, forward and backward, against the float64 oracle.
+
+A *family* is what selects a kernel specialization (op, backend, dtype, head dim, masks, layout): exactly the
+family part of :mod:`ptfast.verification`'s shape classes, so a passed family vouches for the record's entries.
+Each check draws odd-sized random inputs, runs the op on the family's backend explicitly (asserting it ran, forward
+and backward), and applies DESIGN.md §4 to the output and every gradient: ``err(ptfast) <= 2 * err(PyTorch's op in
+the same dtype) + 1e-5``, errors relative to the float64 oracle of ``tests/oracles``. The model steps (a patched
+tiny BERT and VGG, one training step under autocast) check the loss and every parameter gradient the same way
+against the stock model; a failing model step also fails the op families it covers.
+
+:func:`run_all` runs every family in its own subprocess (``python -m benchmarks.first_contact smoke-one NAME``),
+several at a time: a crash or an illegal address takes down one family's process, never the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = ("bf16", "fp16")
+HEAD_DIMS = (64, 128)
+ATTENTION_FORMS = {  # form -> (op, shape-class features)
+    "bert": ("attention", "dropout+key_mask"),
+    "bert-unpad": ("attention_varlen", "dropout+varlen"),
+    "causal": ("attention", "causal"),
+    "plain": ("attention", "plain"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # unique: "attention/triton/bf16/d64/dropout+key_mask"
+    op: str  # the op the record's entries are for ("model" for model steps)
+    backend: str
+    dtype: str
+    family: str  # shape-class family (ptfast.verification), "" for model steps
+    kind: str  # which check runs it
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    covers: tuple[tuple[str, str], ...] = ()  # model steps: (op, family) a failure also fails
+
+
+def families(cpu: bool) -> list[Family]:
+    """Every family of a first-contact run. ``cpu``: the rehearsal (fp16 only: the interpreter's bf16 dot is wrong)."""
+    dtypes = ("fp16",) if cpu else DTYPES
+    out: list[Family] = []
+    for form, (op, features) in ATTENTION_FORMS.items():
+        for dtype in dtypes:
+            for d in HEAD_DIMS:
+                fam = f"{dtype}/d{d}/{features}"
+                out.append(Family(f"{op}/triton/{fam}", op, "triton", dtype, fam, "attention", {"form": form, "d": d}))
+    for dtype in dtypes:
+        out.append(Family(f"masked_lm_loss/triton/{dtype}", "masked_lm_loss", "triton", dtype, dtype, "mlm"))
+    for backend in ("triton", "cuda"):
+        for pool in (True, False):
+            op = "conv_relu_pool" if pool else "conv_relu"
+            for dtype in dtypes:
+                for layout in ("channels_last", "nchw"):
+                    fam = f"{dtype}/{layout}/k3x3/{'pool' if pool else 'nopool'}"
+                    out.append(Family(f"{op}/{backend}/{fam}", op, backend, dtype, fam, "conv", {"layout": layout}))
+    model_dtype = "fp32" if cpu else "bf16"  # CPU autocast is bf16-only and the interpreter's bf16 dot is wrong
+    for unpad in (False, True):
+        attention = ("attention_varlen", "varlen") if unpad else ("attention", "key_mask")
+        covers = ((attention[0], f"{model_dtype}/d64/dropout+{attention[1]}"), ("masked_lm_loss", model_dtype))
+        name = f"model/triton/bert-mlm{'-unpad' if unpad else ''}"
+        out.append(Family(name, "model", "triton", model_dtype, "", "bert", {"unpad": unpad}, covers))
+    for backend in ("triton", "cuda"):
+        covers = tuple((op, f"{model_dtype}/channels_last/k3x3/{tail}")
+                       for op, tail in (("conv_relu", "nopool"), ("conv_relu_pool", "pool")))  # fmt: skip
+        out.append(Family(f"model/{backend}/vgg", "model", backend, model_dtype, "", "vgg", {}, covers))
+    return out
+
+
+# --- the checks (run inside the family's own process) ----------------------------------------------------------
+
+
+def _torch_dtype(name: str):  # noqa: ANN202
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+class RuleFailure(AssertionError):
+    pass
+
+
+def _rule(errors: dict[str, Any], what: str, ours, same_dtype, oracle) -> None:  # noqa: ANN001
+    from tests.helpers import rel_err
+
+    e_ours, e_torch = rel_err(ours.cpu(), oracle), rel_err(same_dtype.cpu(), oracle)
+    bound = 2 * e_torch + 1e-5
+    errors[what] = {"err": e_ours, "torch_err": e_torch, "bound": bound}
+    if not e_ours <= bound:
+        raise RuleFailure(f"{what}: err {e_ours:.3e} > 2 * torch err {e_torch:.3e} + 1e-5")
+
+
+def _ran(events, op: str, backend: str) -> None:  # noqa: ANN001
+    for phase in ("forward", "backward"):
+        if (op, backend, phase) not in events:
+            raise RuleFailure(f"expected {op}/{backend}/{phase} to run, saw {sorted(set(events))}")
+
+
+def _same_dtype_attention(q, k, v, key_mask, causal, p, keep):  # noqa: ANN001, ANN202
+    """PyTorch's attention in q's dtype (the yardstick): SDPA's math path with the oracle's exact dropout mask."""
+    import torch
+
+    lq, lk = q.shape[-2], k.shape[-2]
+    m = torch.zeros(1, 1, lq, lk, dtype=q.dtype, device=q.device)
+    if key_mask is not None:
+        m = m.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    if causal:
+        m = m.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(), -math.inf)
+    valid = (m != -math.inf).any(-1, keepdim=True)
+    m = m.masked_fill(~valid, 0.0)
+    dropout_mask = keep.to(q.device).expand(q.shape[0], q.shape[1], lq, lk) if p > 0 else None
+    out = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, m, p, False, dropout_mask)[0]
+    return out * valid
+
+
+def check_attention(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
+    import torch
+
+    import ptfast
+    from ptfast import _dropout
+    from ptfast.testing import record_dispatch
+    from tests.oracles import attention as oracle
+
+    form, d = fam.params["form"], fam.params["d"]
+    dtype, dev = _torch_dtype(fam.dtype), torch.device(device)
+    # No sequence of one token: under dropout its dQ is rounding noise instead of 0 (delta = rowsum(dO * O) reads
+    # the rounded output, as in FlashAttention-2), which SDPA's exact math path, the yardstick, does not show.
+    lengths = [37, 20, 9] if cpu else [197, 83, 9]
+    heads, longest = (2 if cpu else 3), max(lengths)
+    p = 0.1 if form.startswith("bert") else 0.0
+    causal = form == "causal"
+    g = torch.Generator().manual_seed(11)
+    varlen = form == "bert-unpad"
+    shape = (sum(lengths), heads, d) if varlen else (len(lengths), heads, longest, d)
+    q, k, v = (torch.randn(shape, generator=g).to(dev, dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(shape, generator=g).to(dev, dtype)
+    key_mask = None
+    if form == "bert":
+        key_mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(dev)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    torch.manual_seed(5)
+    words = _dropout.draw_seed(dev).tolist()
+    torch.manual_seed(5)
+    with ptfast.use_backend(fam.backend), record_dispatch() as events:
+        if varlen:
+            out = ptfast.attention_varlen(q, k, v, cu.to(dev), cu.to(dev), longest, longest, dropout_p=p)
+        else:
+            out = ptfast.attention(q, k, v, dropout_p=p, is_causal=causal, key_mask=key_mask)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    _ran(events, fam.op, fam.backend)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    tq, tk, tv = (t.detach().requires_grad_() for t in (q, k, v))
+    if varlen:
+        bounds = cu.tolist()
+        ref = oracle.attention_varlen(*leaves, bounds, bounds, dropout_p=p, seed=words)
+        parts = []
+        for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            keep = oracle.keep_mask(words, p, 1, heads, e - s, e - s, b_offset=b)
+            one = [t[s:e].transpose(0, 1)[None] for t in (tq, tk, tv)]
+            parts.append(_same_dtype_attention(*one, None, False, p, keep)[0].transpose(0, 1))
+        theirs = torch.cat(parts)
+    else:
+        keep = oracle.keep_mask(words, p, len(lengths), heads, longest, longest) if p > 0 else None
+        km_cpu = key_mask.cpu() if key_mask is not None else None
+        ref = oracle.attention(*leaves, None, km_cpu, causal, None, p, keep)
+        theirs = _same_dtype_attention(tq, tk, tv, key_mask, causal, p, keep)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.cpu().double())
+    their_grads = torch.autograd.grad(theirs, (tq, tk, tv), grad)
+    errors: dict[str, Any] = {}
+    _rule(errors, "out", out, theirs, ref)
+    for name, a, t, r in zip(("dq", "dk", "dv"), grads, their_grads, ref_grads, strict=True):
+        _rule(errors, name, a, t, r)
+    return errors
+
+
+def check_mlm(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    import ptfast
+    from ptfast.testing import record_dispatch
+    from tests.oracles import masked_lm_loss as oracle
+
+    dtype, dev = _torch_dtype(fam.dtype), torch.device(device)
+    n, e, vocab = (67, 64, 1001) if cpu else (517, 768, 8191)
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(n, e, generator=g).to(dev, dtype).requires_grad_()
+    w = (torch.randn(vocab, e, generator=g) * 0.05).to(dev, dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.1).to(dev, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) > 0.15] = -100
+    labels[0] = 7  # at least one labelled row
+    labels = labels.to(dev)
+    with ptfast.use_backend(fam.backend), record_dispatch() as events:
+        loss = ptfast.masked_lm_loss(h, w, labels, b)
+        grads = torch.autograd.grad(loss, (h, w, b))
+    _ran(events, fam.op, fam.backend)
+    ref_loss, *ref_grads = oracle.loss_and_grads(h.cpu(), w.cpu(), labels.cpu(), b.cpu())
+    th, tw, tb = (t.detach().requires_grad_() for t in (h, w, b))
+    theirs = F.cross_entropy(F.linear(th, tw, tb), labels)  # PyTorch's own ops in the inputs' dtype
+    their_grads = torch.autograd.grad(theirs, (th, tw, tb))
+    errors: dict[str, Any] = {}
+    _rule(errors, "loss", loss, theirs, ref_loss)
+    for name, a, t, r in zip(("dhidden", "dweight", "dbias"), grads, their_grads, ref_grads, strict=True):
+        _rule(errors, name, a, t, r)
+    return errors
+
+
+def check_conv(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    import ptfast
+    from ptfast.testing import record_dispatch
+    from tests.oracles import conv as oracle
+
+    dtype, dev = _torch_dtype(fam.dtype), torch.device(device)
+    pool = fam.op == "conv_relu_pool"
+    fmt = torch.channels_last if fam.params["layout"] == "channels_last" else torch.contiguous_format
+    n, cin, cout, hh, ww = (2, 16, 32, 9, 11) if cpu else (3, 64, 128, 19, 23)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(n, cin, hh, ww, generator=g).to(dev, dtype).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9) ** 0.5).to(dev, dtype).requires_grad_()
+    b = torch.randn(cout, generator=g).to(dev, dtype).requires_grad_()
+    fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
+    with ptfast.use_backend(fam.backend), record_dispatch() as events:
+        out = fn(x, w, b, padding=1)
+        grad = torch.randn(out.shape, generator=g).to(dev, dtype)
+        grads = torch.autograd.grad(out, (x, w, b), grad)
+    _ran(events, fam.op, fam.backend)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
+    ref = oracle.conv_relu_ref(*leaves, padding=1, pool=pool)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.cpu().double())
+    tx, tw, tb = (t.detach().requires_grad_() for t in (x, w, b))
+    theirs = F.relu(F.conv2d(tx, tw, tb, padding=1))
+    theirs = F.max_pool2d(theirs, 2, 2) if pool else theirs
+    their_grads = torch.autograd.grad(theirs, (tx, tw, tb), grad)
+    errors: dict[str, Any] = {}
+    _rule(errors, "out", out, theirs, ref)
+    for name, a, t, r in zip(("dx", "dweight", "dbias"), grads, their_grads, ref_grads, strict=True):
+        _rule(errors, name, a, t, r)
+    return errors
+
+
+def _model_step(model, inputs: dict[str, Any], dtype, device) -> tuple[Any, Any]:  # noqa: ANN001
+    """One forward + backward (autocast in ``dtype`` unless fp32/fp64): (loss, every parameter gradient, flat)."""
+    import contextlib
+
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    ctx = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+           else contextlib.nullcontext())  # fmt: skip
+    with ctx:
+        loss = model(**inputs)
+        loss = loss.loss if hasattr(loss, "loss") else loss
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    return loss.detach().float(), torch.cat([gr.detach().reshape(-1).double().cpu() for gr in grads])
+
+
+def check_model(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
+    import copy
+
+    import torch
+
+    import ptfast
+    from ptfast.testing import record_dispatch
+
+    dtype, dev = _torch_dtype(fam.dtype), torch.device(device)
+    torch.manual_seed(21)
+    if fam.kind == "bert":
+        import transformers
+
+        cfg = transformers.BertConfig(
+            vocab_size=1000, hidden_size=128 if cpu else 256, num_hidden_layers=2, num_attention_heads=2 if cpu else 4,
+            intermediate_size=256 if cpu else 512, max_position_embeddings=128, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
+        )  # fmt: skip
+        stock = transformers.BertForMaskedLM(cfg)
+        batch, seq = (3, 23) if cpu else (4, 67)
+        lengths = torch.tensor([seq, seq - 9, 5] + ([seq // 2] if not cpu else []))
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(1, 1000, (batch, seq))
+        labels = torch.where((torch.rand(batch, seq) < 0.2) & mask.bool(), ids, torch.full_like(ids, -100))
+        labels[0, 1] = ids[0, 1]
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ops = {"attention_varlen" if fam.params["unpad"] else "attention", "masked_lm_loss"}
+        patch_kw = {"unpad": fam.params["unpad"]}
+    else:
+        from torch import nn
+
+        def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)] + ([nn.MaxPool2d(2, 2)] if pool else [])
+
+        class TinyVGG(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.features = nn.Sequential(*block(3, 16, False), *block(16, 32, True), *block(32, 32, True))
+                self.classifier = nn.Linear(32 * 4 * 4, 10)
+
+            def forward(self, x, y):  # noqa: ANN001, ANN202
+                return nn.functional.cross_entropy(self.classifier(self.features(x).flatten(1)).float(), y)
+
+        stock = TinyVGG()
+        x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        inputs = {"x": x, "y": torch.randint(0, 10, (4,))}
+        ops, patch_kw = {"conv_relu", "conv_relu_pool"}, {}
+    oracle = copy.deepcopy(stock).double()
+    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    ref_loss, ref_grads = _model_step(oracle, inputs64, torch.float64, torch.device("cpu"))
+    on_dev = {k: v.to(dev) for k, v in inputs.items()}
+    stock = stock.to(dev)
+    ours = ptfast.patch(copy.deepcopy(stock), **patch_kw)
+    their_loss, their_grads = _model_step(stock, on_dev, dtype, dev)
+    with ptfast.use_backend(fam.backend), record_dispatch() as events:
+        loss, grads = _model_step(ours, on_dev, dtype, dev)
+    for op in ops:
+        _ran(events, op, fam.backend)
+    errors: dict[str, Any] = {}
+    _rule(errors, "loss", loss, their_loss, ref_loss)
+    _rule(errors, "grads", grads, their_grads, ref_grads)
+    return errors
+
+
+CHECKS: dict[str, Callable[[Family, str, bool], dict[str, Any]]] = {
+    "attention": check_attention, "mlm": check_mlm, "conv": check_conv, "bert": check_model, "vgg": check_model,
+}  # fmt: skip
+
+
+def run_one(name: str, device: str) -> dict[str, Any]:
+    """Run one family in this process; returns its row (never raises)."""
+    import torch
+
+    cpu = device == "cpu"
+    fam = next(f for f in families(cpu) if f.name == name)
+    row = _row(fam, device)
+    start = time.perf_counter()
+    try:
+        row["errors"] = CHECKS[fam.kind](fam, device, cpu)
+        if not cpu:
+            torch.cuda.synchronize()
+        row.update(status="passed", passed=True)
+    except Exception as exc:  # every failure becomes the row's error
+        row.update(status="failed", passed=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        row["traceback"] = traceback.format_exc()[-4000:]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _row(fam: Family, device: str) -> dict[str, Any]:
+    return {"name": fam.name, "gpu_class": gpu_class(device), "op": fam.op, "backend": fam.backend,
+            "dtype": fam.dtype, "family": fam.family, "covers": [list(c) for c in fam.covers]}  # fmt: skip
+
+
+def gpu_class(device: str) -> str:
+    """The record's GPU class of ``device`` ("cpu" for a rehearsal, so its record can never apply to a GPU)."""
+    import torch
+
+    if device == "cpu":
+        return "cpu"
+    from ptfast.verification import gpu_class_name
+
+    return gpu_class_name(torch.cuda.get_device_capability(torch.device(device)))
+
+
+def _skip_reason(fam: Family, cpu: bool) -> str | None:
+    if fam.backend == "cuda" and cpu:
+        return "the cuda backend needs a GPU"
+    if fam.backend == "cuda":
+        from ptfast.backends import cuda as cuda_backend
+
+        return cuda_backend.unavailable_reason()
+    if fam.kind == "bert":
+        try:
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            return f"transformers is not installed ({exc})"
+    return None
+
+
+def run_all(device: str, jobs: int, timeout_s: float, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every family in its own subprocess, ``jobs`` at a time; rows in family order, expanded with the failures of
+    the op families a failed model step covers."""
+    cpu = device == "cpu"
+    fams = families(cpu)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if cpu:
+        env["TRITON_INTERPRET"] = "1"
+
+    def one(fam: Family) -> dict[str, Any]:
+        reason = _skip_reason(fam, cpu)
+        if reason is not None:
+            return {**_row(fam, device), "status": "skipped", "passed": False, "error": reason}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "row.json"
+            cmd = [sys.executable, "-m", "benchmarks.first_contact", "smoke-one", fam.name, "--device", device,
+                   "--out", str(out)]  # fmt: skip
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                return {**_row(fam, device), "status": "failed", "passed": False,
+                        "error": f"timed out after {timeout_s:.0f} s", "seconds": timeout_s}  # fmt: skip
+            if out.is_file():
+                return json.loads(out.read_text())
+            tail = (proc.stderr or proc.stdout or "")[-1500:]
+            return {**_row(fam, device), "status": "failed", "passed": False, "seconds": time.perf_counter() - start,
+                    "error": f"process exited with {proc.returncode} (a crash or a device fault): {tail}"}  # fmt: skip
+
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for row in pool.map(one, fams):
+            log(f"[smoke] {row['status']:<7} {row['name']} ({row.get('seconds', 0):.1f} s)"
+                + (f": {row['error'][:300]}" if row.get("error") else ""))  # fmt: skip
+            rows.append(row)
+    for row in list(rows):  # a failed model step fails the op families it exercised
+        if row["op"] == "model" and row["status"] == "failed":
+            for op, family in row["covers"]:
+                why = f"model step {row['name']} failed: {row['error'][:200]}"
+                rows.append({"name": f"{row['name']} -> {op}/{family}", "gpu_class": row["gpu_class"], "op": op,
+                             "backend": row["backend"], "family": family, "dtype": row["dtype"], "status": "failed",
+                             "passed": False, "error": why})  # fmt: skip
+    return rows

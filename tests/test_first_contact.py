@@ -1,0 +1,158 @@
+"""The first-contact tooling (``benchmarks.first_contact``) without a GPU: the pieces must fit each other.
+
+* every smoke family names the shape-class family ``ptfast.verification`` builds for that op (otherwise a passed
+  smoke test would vouch for nothing), and every class the headline benchmarks measure has a smoke family;
+* benchmark results become record rows (speed-up over the torch twin, spread, check verdict, shape class) and a
+  record that ``auto`` decides by;
+* per-test durations are read from pytest's junit XML.
+
+The whole command runs end to end on the CPU in CI (``bash scripts/gpu_run.sh first-contact``, the rehearsal),
+which also checks that the GPU-tier slices hold every GPU test exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.first_contact import headline, smoke, tier
+from ptfast import verification
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _class_family(fam: smoke.Family) -> str:
+    """The family part of the shape class the op would compute for this family's inputs."""
+    dtype = DTYPES[fam.dtype]
+    if fam.op in ("attention", "attention_varlen"):
+        form = fam.params["form"]
+        cls = verification.attention_class(
+            dtype, fam.params["d"], 100, attn_mask=False, key_mask=form == "bert", dropout=form.startswith("bert"),
+            causal=form == "causal", varlen=fam.op == "attention_varlen",
+        )  # fmt: skip
+    elif fam.op == "masked_lm_loss":
+        cls = verification.masked_lm_loss_class(dtype, 768)
+    else:
+        cls = verification.conv_class(dtype, fam.params["layout"] == "channels_last", (64, 64, 3, 3),
+                                      fam.op == "conv_relu_pool")  # fmt: skip
+    return cls.rsplit("/", 1)[0]
+
+
+@pytest.mark.parametrize("cpu", [False, True], ids=["device-run", "cpu-rehearsal"])
+def test_smoke_families_name_the_verification_families(cpu: bool) -> None:
+    fams = smoke.families(cpu)
+    assert len({f.name for f in fams}) == len(fams)
+    for fam in fams:
+        if fam.op == "model":
+            assert fam.covers and not fam.family
+            continue
+        assert fam.family == _class_family(fam), fam.name
+    if not cpu:
+        # a failing model step fails op families that exist (the rehearsal's fp32 model steps cover none)
+        covered = {(f.op, f.backend, f.family) for f in fams}
+        for fam in fams:
+            for op, family in fam.covers:
+                assert (op, fam.backend, family) in covered, (fam.name, op, family)
+        # the hot variants: four attention forms x two half types x two head dims, every conv family on both
+        # backends, the masked-LM loss, and the four model steps
+        assert sum(f.kind == "attention" for f in fams) == 16
+        assert sum(f.kind == "conv" for f in fams) == 16
+        assert sum(f.op == "model" for f in fams) == 4
+
+
+def _result_file(tmp: Path, op: str, case: dict, recs: list[dict], dtype: str = "bfloat16") -> None:
+    data = {"op": op, "options": {"dtype": dtype}, "cases": [case], "results": recs}
+    (tmp / f"{op}.json").write_text(json.dumps(data))
+
+
+def _rec(case: str, provider: str, median: float, check: bool | None = True, mode: str = "fwd+bwd") -> dict:
+    rec = {"case": case, "provider": provider, "mode": mode, "status": "ok",
+           "timing": {"median_ms": median, "p20_ms": median * 0.95, "p80_ms": median * 1.05}}  # fmt: skip
+    if check is not None:
+        rec["check"] = {"against": provider.split("[")[0] + "[torch]", "passed": check}
+    return rec
+
+
+def test_bench_rows_and_the_record_they_make(tmp_path: Path) -> None:
+    bert = {"name": "bert B32 L512 p0.1", "params": {"B": 32, "H": 12, "L": 512, "D": 64, "causal": False,
+            "dropout": 0.1, "padded": True, "lengths": [500, 130, 300]}}  # fmt: skip
+    _result_file(tmp_path, "attention", bert, [
+        _rec(bert["name"], "ptfast[torch]", 10.0, None), _rec(bert["name"], "ptfast[triton]", 4.0),
+        _rec(bert["name"], "ptfast[triton]", 1.0, mode="fwd"),
+        _rec(bert["name"], "ptfast-varlen[torch]", 8.0, None), _rec(bert["name"], "ptfast-varlen[triton]", 9.0),
+        _rec(bert["name"], "sdpa[efficient]", 5.0, None),
+        _rec(bert["name"], "ptfast[triton,atomic-dq]", 3.0),
+    ])  # fmt: skip
+    mlm = {"name": "bert-base 32k tok", "params": {"E": 768, "V": 30522}}
+    _result_file(tmp_path, "masked_lm_loss", mlm, [
+        _rec(mlm["name"], "ptfast[torch]", 6.0, None), _rec(mlm["name"], "ptfast[triton]", 2.0, check=False),
+    ])  # fmt: skip
+    rows = {(r["op"], r["backend"], r["shape_class"]): r for r in headline.bench_rows(tmp_path, "sm90")}
+    assert set(rows) == {
+        ("attention", "triton", "bf16/d64/dropout+key_mask/L512"),
+        ("attention_varlen", "triton", "bf16/d64/dropout+varlen/L512"),
+        ("masked_lm_loss", "triton", "bf16/E1024"),
+    }  # the atomic-dQ variant and the baselines are not ptfast backends of their own
+    padded = rows[("attention", "triton", "bf16/d64/dropout+key_mask/L512")]
+    assert padded["speedup"] == pytest.approx(2.5) and padded["checked"]
+    assert padded["spread"][0] < 2.5 < padded["spread"][1]
+    assert rows[("attention_varlen", "triton", "bf16/d64/dropout+varlen/L512")]["speedup"] < 1
+    assert not rows[("masked_lm_loss", "triton", "bf16/E1024")]["checked"]
+    passed = (("attention", "bf16/d64/dropout+key_mask"), ("attention_varlen", "bf16/d64/dropout+varlen"),
+              ("masked_lm_loss", "bf16"))  # fmt: skip
+    smoke_rows = [{"gpu_class": "sm90", "op": op, "backend": "triton", "family": fam, "passed": True}
+                  for op, fam in passed]  # fmt: skip
+    record = verification.build(smoke_rows, list(rows.values()), "r", {"device": "NVIDIA H200"})
+    verdicts = {(e.op, e.shape_class): e.verdict() for e in record.entries}
+    assert verdicts[("attention", "bf16/d64/dropout+key_mask/L512")] is None
+    assert "slower" in verdicts[("attention_varlen", "bf16/d64/dropout+varlen/L512")]
+    assert "did not match" in verdicts[("masked_lm_loss", "bf16/E1024")]
+
+
+def test_headline_classes_have_smoke_families(tmp_path: Path) -> None:
+    families = {(f.op, f.backend, f.family) for f in smoke.families(cpu=False)}
+    # The GPU headline's shapes, as the benchmark specs define them, map onto smoke-tested families.
+    expected = [
+        ("attention", "triton", "bf16/d64/dropout+key_mask"),
+        ("attention_varlen", "triton", "bf16/d64/dropout+varlen"),
+        ("masked_lm_loss", "triton", "bf16"),
+        ("conv_relu_pool", "triton", "bf16/channels_last/k3x3/pool"),
+        ("conv_relu_pool", "cuda", "bf16/channels_last/k3x3/pool"),
+        ("conv_relu", "triton", "bf16/channels_last/k3x3/nopool"),
+        ("conv_relu", "cuda", "bf16/channels_last/k3x3/nopool"),
+    ]
+    for key in expected:
+        assert key in families, key
+    ops = {inv.op for inv in headline.plan(cpu=False)}
+    assert {"attention", "masked_lm_loss", "conv_relu_pool", "conv_relu", "bert_mlm_step", "vgg16_train_step"} == ops
+    # every invocation names cases and providers its spec really has (a typo would silently measure nothing)
+    from benchmarks.common import Options
+    from benchmarks.ops import load
+
+    for cpu in (False, True):
+        opts = Options(device=torch.device("cpu"), quick=cpu)
+        for inv in headline.plan(cpu):
+            spec = load(inv.op)
+            cases = {c.name for c in spec.cases(opts)}
+            providers = {p.name for p in spec.providers(opts)}
+            assert set(inv.cases) <= cases, (inv.op, set(inv.cases) - cases)
+            assert set(inv.providers) <= providers, (inv.op, set(inv.providers) - providers)
+
+
+def test_durations_from_junit() -> None:
+    xml = (
+        '<testsuite><testcase classname="tests.test_gpu_faults" name="test_auto_without_a_record_runs_torch" '
+        'time="1.250" /><testcase classname="tests.test_gpu_conv_backends" name="test_x[2-3-bf16-triton]" '
+        'time="0.031"><skipped /></testcase></testsuite>'
+    )
+    got = tier.durations_from_junit(xml)
+    assert got == {
+        "tests/test_gpu_faults.py::test_auto_without_a_record_runs_torch": 1.25,
+        "tests/test_gpu_conv_backends.py::test_x[2-3-bf16-triton]": 0.031,
+    }
+    assert tier.slice_args("conv-bf16")[0] == "tests/test_gpu_conv_backends.py"
+    with pytest.raises(KeyError, match="no GPU test slice"):
+        tier.slice_args("nope")
