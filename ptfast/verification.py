@@ -80,7 +80,7 @@ class Entry:
         if self.speedup is None:
             return "passed its GPU tests, speed not measured"
         if self.speedup <= 1.0:
-            return f"passed its GPU tests, but {self.speedup:.2f}x the torch backend (slower)"
+            return f"passed its GPU tests, but {self.speedup:.3g}x the torch backend (slower)"
         return None
 
 
@@ -258,7 +258,7 @@ def status_lines(record: Record | None = None, gpu: str | None = None) -> list[s
             continue
         verdict = e.verdict()
         state = "verified, faster" if verdict is None else f"not picked by auto: {verdict}"
-        speed = f"{e.speedup:.2f}x" if e.speedup is not None else "n/a"
+        speed = f"{e.speedup:.3g}x" if e.speedup is not None else "n/a"
         run = record.runs.get(e.run, {})
         when = f"run {e.run} ({run.get('device', '?')}, {run.get('date', '?')}, commit {run.get('commit', '?')})"
         lines.append(f"{e.gpu_class} {e.op:<16} {e.backend:<6} {e.shape_class:<40} {speed:>7}  {state}; {when}")

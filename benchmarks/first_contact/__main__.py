@@ -171,7 +171,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for b in bench:
         lo, hi = b["spread"]
-        lines.append(f"| {b['op']} | {b['backend']} | {b['shape_class']} | {b['case']} | {b['speedup']:.2f}x | "
+        lines.append(f"| {b['op']} | {b['backend']} | {b['shape_class']} | {b['case']} | {b['speedup']:.3g}x | "
                      f"{lo:.2f}-{hi:.2f} | {b['checked']} |")  # fmt: skip
     lines += ["", f"## Verification record: {len(record.get('entries', []))} entries", ""]
     from ptfast.verification import Record, status_lines
