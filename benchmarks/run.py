@@ -110,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--one-rep",
         action="store_true",
-        help="one warm-up and one timed repetition: proves every step runs (the CPU rehearsal of first contact), "
+        help="one timed repetition, no warm-up: proves every step runs (the CPU rehearsal of first contact), "
         "measures nothing",
     )
     ap.add_argument(
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         _list(opts)
         return 0
     if args.one_rep:
-        budget = Budget(measure_s=0.0, min_reps=1, max_reps=1, warmup_reps=1, warmup_s=0.0)
+        budget = Budget(measure_s=0.0, min_reps=1, max_reps=1, warmup_reps=0, warmup_s=0.0)
     elif args.budget is not None:
         budget = Budget(measure_s=args.budget)
     elif device.type == "cuda":

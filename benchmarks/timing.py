@@ -115,7 +115,7 @@ def _warmup(steps: Sequence[Step], device: torch.device, budget: Budget) -> tupl
         if n >= budget.warmup_reps:
             _sync(device)  # the clock check above must see finished GPU work, not queued launches
     _sync(device)
-    return n, (time.perf_counter() - t0) / n
+    return n, (time.perf_counter() - t0) / max(n, 1)  # no warm-up asked for (--one-rep): 0 s per rep
 
 
 def _rep_count(per_rep_s: float, budget: Budget) -> int:
