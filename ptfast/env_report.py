@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # op name -> candidate (module, backend table attribute) pairs, first found wins. The tables map backend name
 # -> implementation module (or ptfast.backends.Unimplemented) exactly as the op modules dispatch on them.
@@ -39,6 +39,15 @@ def _line(label: str, probe: Callable[[], str]) -> None:
     except Exception as exc:  # robustness is the point of this module
         text = f"ERROR ({type(exc).__name__}: {exc})"
     print(f"{label:<{_WIDTH}} {text}", flush=True)
+
+
+def _lines(probe: Callable[[], Iterable[str]]) -> None:
+    """Print each line ``probe`` yields, indented; an exception in the probe becomes an ERROR line."""
+    try:
+        for text in probe():
+            print(f"  {text}", flush=True)
+    except Exception as exc:  # robustness is the point of this module
+        print(f"  ERROR ({type(exc).__name__}: {exc})", flush=True)
 
 
 def _version(dist: str) -> str:
@@ -185,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         _line(lib, lambda lib=lib: _version(lib))
 
     print("\nGPUs", flush=True)
-    try:
-        for text in _gpus():
-            print(f"  {text}", flush=True)
-    except Exception as exc:
-        print(f"  ERROR ({type(exc).__name__}: {exc})", flush=True)
+    _lines(_gpus)
 
     print("", flush=True)
     _line("CUDA extension", _extension)
@@ -213,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 _line(f"    {name}", lambda op=op, impl=table[name]: _implementation_status(op, impl))
 
     print("\nVerified or off (what auto may pick on a GPU; ptfast/verified.json)", flush=True)
-    try:
-        for text in _verification_lines():
-            print(f"  {text}", flush=True)
-    except Exception as exc:
-        print(f"  ERROR ({type(exc).__name__}: {exc})", flush=True)
+    _lines(_verification_lines)
     return 0
 
 

@@ -1,10 +1,13 @@
-"""Shared test utilities: the low-precision accuracy rule of DESIGN.md §4 and dispatch assertions."""
+"""Shared test utilities: the low-precision accuracy rule of DESIGN.md §4, its attention yardstick, and dispatch
+assertions."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -86,3 +89,29 @@ def conv_inputs(n, cin, cout, h, w, k, dtype, fmt, with_bias, seed=0):
 def conv_params(x, weight, bias):
     """The leaves a conv test differentiates: x, weight and (when present) bias."""
     return [x, weight] + ([bias] if bias is not None else [])
+
+
+def sdpa_same_dtype(q, k, v, attn_mask=None, key_mask=None, is_causal=False, scale=None, dropout_p=0.0, keep=None):
+    """PyTorch's own attention in q's dtype on q's device: the yardstick of the low-precision rule.
+
+    Every mask becomes one additive mask; dropout runs SDPA's math path with the oracle's exact keep mask; rows with
+    no admissible key are neutralized and zeroed (as the contract demands); no keys at all gives zeros.
+    """
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if q.numel() == 0 or lk == 0:
+        return torch.zeros(b, h, lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    m = torch.zeros(1, 1, lq, lk, dtype=q.dtype, device=q.device)
+    if attn_mask is not None:
+        m = m.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else m + attn_mask.to(q.dtype)
+    if key_mask is not None:
+        m = m.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    if is_causal:
+        m = m.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(), -math.inf)
+    valid = (m != -math.inf).any(-1, keepdim=True)
+    m = m.masked_fill(~valid, 0.0)
+    if dropout_p > 0:
+        keep = keep.to(q.device).expand(b, h, lq, lk)
+        out = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, m, dropout_p, False, keep, scale=scale)[0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m.expand(b, h, lq, lk), scale=scale)
+    return out * valid

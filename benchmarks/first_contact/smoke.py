@@ -15,7 +15,6 @@ several at a time: a crash or an illegal address takes down one family's process
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -105,27 +104,18 @@ def _rule(errors: dict[str, Any], what: str, ours, same_dtype, oracle) -> None: 
         raise RuleFailure(f"{what}: err {e_ours:.3e} > 2 * torch err {e_torch:.3e} + 1e-5")
 
 
+def _rules(names, ours, same_dtype, oracle) -> dict[str, Any]:  # noqa: ANN001
+    """:func:`_rule` for each named output in order (the first failure raises); the errors of those checked."""
+    errors: dict[str, Any] = {}
+    for name, a, t, r in zip(names, ours, same_dtype, oracle, strict=True):
+        _rule(errors, name, a, t, r)
+    return errors
+
+
 def _ran(events, op: str, backend: str) -> None:  # noqa: ANN001
     for phase in ("forward", "backward"):
         if (op, backend, phase) not in events:
             raise RuleFailure(f"expected {op}/{backend}/{phase} to run, saw {sorted(set(events))}")
-
-
-def _same_dtype_attention(q, k, v, key_mask, causal, p, keep):  # noqa: ANN001, ANN202
-    """PyTorch's attention in q's dtype (the yardstick): SDPA's math path with the oracle's exact dropout mask."""
-    import torch
-
-    lq, lk = q.shape[-2], k.shape[-2]
-    m = torch.zeros(1, 1, lq, lk, dtype=q.dtype, device=q.device)
-    if key_mask is not None:
-        m = m.masked_fill(~key_mask[:, None, None, :], -math.inf)
-    if causal:
-        m = m.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(), -math.inf)
-    valid = (m != -math.inf).any(-1, keepdim=True)
-    m = m.masked_fill(~valid, 0.0)
-    dropout_mask = keep.to(q.device).expand(q.shape[0], q.shape[1], lq, lk) if p > 0 else None
-    out = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, m, p, False, dropout_mask)[0]
-    return out * valid
 
 
 def check_attention(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
@@ -134,6 +124,7 @@ def check_attention(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
     import ptfast
     from ptfast import _dropout
     from ptfast.testing import record_dispatch
+    from tests.helpers import sdpa_same_dtype
     from tests.oracles import attention as oracle
 
     form, d = fam.params["form"], fam.params["d"]
@@ -172,20 +163,16 @@ def check_attention(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
         for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             keep = oracle.keep_mask(words, p, 1, heads, e - s, e - s, b_offset=b)
             one = [t[s:e].transpose(0, 1)[None] for t in (tq, tk, tv)]
-            parts.append(_same_dtype_attention(*one, None, False, p, keep)[0].transpose(0, 1))
+            parts.append(sdpa_same_dtype(*one, dropout_p=p, keep=keep)[0].transpose(0, 1))
         theirs = torch.cat(parts)
     else:
         keep = oracle.keep_mask(words, p, len(lengths), heads, longest, longest) if p > 0 else None
         km_cpu = key_mask.cpu() if key_mask is not None else None
         ref = oracle.attention(*leaves, None, km_cpu, causal, None, p, keep)
-        theirs = _same_dtype_attention(tq, tk, tv, key_mask, causal, p, keep)
+        theirs = sdpa_same_dtype(tq, tk, tv, key_mask=key_mask, is_causal=causal, dropout_p=p, keep=keep)
     ref_grads = torch.autograd.grad(ref, leaves, grad.cpu().double())
     their_grads = torch.autograd.grad(theirs, (tq, tk, tv), grad)
-    errors: dict[str, Any] = {}
-    _rule(errors, "out", out, theirs, ref)
-    for name, a, t, r in zip(("dq", "dk", "dv"), grads, their_grads, ref_grads, strict=True):
-        _rule(errors, name, a, t, r)
-    return errors
+    return _rules(("out", "dq", "dk", "dv"), (out, *grads), (theirs, *their_grads), (ref, *ref_grads))
 
 
 def check_mlm(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
@@ -214,11 +201,8 @@ def check_mlm(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
     th, tw, tb = (t.detach().requires_grad_() for t in (h, w, b))
     theirs = F.cross_entropy(F.linear(th, tw, tb), labels)  # PyTorch's own ops in the inputs' dtype
     their_grads = torch.autograd.grad(theirs, (th, tw, tb))
-    errors: dict[str, Any] = {}
-    _rule(errors, "loss", loss, theirs, ref_loss)
-    for name, a, t, r in zip(("dhidden", "dweight", "dbias"), grads, their_grads, ref_grads, strict=True):
-        _rule(errors, name, a, t, r)
-    return errors
+    names = ("loss", "dhidden", "dweight", "dbias")
+    return _rules(names, (loss, *grads), (theirs, *their_grads), (ref_loss, *ref_grads))
 
 
 def check_conv(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
@@ -250,11 +234,7 @@ def check_conv(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
     theirs = F.relu(F.conv2d(tx, tw, tb, padding=1))
     theirs = F.max_pool2d(theirs, 2, 2) if pool else theirs
     their_grads = torch.autograd.grad(theirs, (tx, tw, tb), grad)
-    errors: dict[str, Any] = {}
-    _rule(errors, "out", out, theirs, ref)
-    for name, a, t, r in zip(("dx", "dweight", "dbias"), grads, their_grads, ref_grads, strict=True):
-        _rule(errors, name, a, t, r)
-    return errors
+    return _rules(("out", "dx", "dweight", "dbias"), (out, *grads), (theirs, *their_grads), (ref, *ref_grads))
 
 
 def _model_step(model, inputs: dict[str, Any], dtype, device) -> tuple[Any, Any]:  # noqa: ANN001
@@ -332,10 +312,7 @@ def check_model(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
         loss, grads = _model_step(ours, on_dev, dtype, dev)
     for op in ops:
         _ran(events, op, fam.backend)
-    errors: dict[str, Any] = {}
-    _rule(errors, "loss", loss, their_loss, ref_loss)
-    _rule(errors, "grads", grads, their_grads, ref_grads)
-    return errors
+    return _rules(("loss", "grads"), (loss, grads), (their_loss, their_grads), (ref_loss, ref_grads))
 
 
 CHECKS: dict[str, Callable[[Family, str, bool], dict[str, Any]]] = {
