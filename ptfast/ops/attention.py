@@ -462,10 +462,11 @@ def attention(
     _check_attention(op, query, key, value, attn_mask, key_mask, dropout_p, is_causal, scale)
     query, key, value, mask = _cast_inputs(op, query, key, value, _compact_mask(attn_mask))
     scale_f = _scale(scale, query.shape[-1])
+    # The verification gate's shape class matters only on CUDA (it gates auto there): no work elsewhere.
     shape_class = verification.attention_class(
         query.dtype, int(query.shape[-1]), int(key.shape[2]), attn_mask=mask is not None,
         key_mask=key_mask is not None, dropout=dropout_p > 0, causal=bool(is_causal),
-    )  # fmt: skip
+    ) if query.is_cuda else None  # fmt: skip
     backend = _dispatch.choose(
         op, _IMPLS, _AUTO_ORDER, _fault_key(query, value, _mask_kinds(mask, key_mask), dropout_p, is_causal),
         device=query.device, shape_class=shape_class, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
@@ -516,7 +517,7 @@ def attention_varlen(
     shape_class = verification.attention_class(
         query.dtype, int(query.shape[-1]), int(max_seqlen_k), attn_mask=False, key_mask=False,
         dropout=dropout_p > 0, causal=bool(is_causal), varlen=True,
-    )  # fmt: skip
+    ) if query.is_cuda else None  # fmt: skip
     backend = _dispatch.choose(
         op, _VARLEN_IMPLS, _AUTO_ORDER, _fault_key(query, value, (), dropout_p, is_causal),
         device=query.device, shape_class=shape_class, q=query, k=key,

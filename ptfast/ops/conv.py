@@ -181,9 +181,11 @@ def _conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, poo
     else:
         _validation.check_same_dtype(op, x=x, weight=weight, bias=bias)
     channels_last = _channels_last(x)
+    # The verification gate's shape class matters only on CUDA (it gates auto there): no work elsewhere.
+    shape_class = verification.conv_class(x.dtype, channels_last, tuple(weight.shape), pool) if x.is_cuda else None
     backend = _dispatch.choose(
         op, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last, weight, padding, pool),
-        device=x.device, shape_class=verification.conv_class(x.dtype, channels_last, tuple(weight.shape), pool),
+        device=x.device, shape_class=shape_class,
         x=x, weight=weight, bias=bias, padding=padding, pool=pool,
     )  # fmt: skip
     need_argmax = pool and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

@@ -271,13 +271,15 @@ def masked_lm_loss(
         out_dtype = hidden.dtype
     if _validation.value_checks_enabled(labels):
         _check_label_values(labels, ignore_index, vocab)
+    # The verification gate's shape class matters only on CUDA (it gates auto there): no work elsewhere.
+    shape_class = verification.masked_lm_loss_class(hidden.dtype, int(hidden.shape[-1])) if hidden.is_cuda else None
     backend = _dispatch.choose(
         _OP,
         _IMPLS,
         _AUTO_ORDER,
         _fault_key(hidden, weight, bias),
         device=hidden.device,
-        shape_class=verification.masked_lm_loss_class(hidden.dtype, int(hidden.shape[-1])),
+        shape_class=shape_class,
         hidden=hidden,
         weight=weight,
         labels=labels,
