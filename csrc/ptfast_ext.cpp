@@ -31,8 +31,23 @@ int bias_relu_dtype(at::ScalarType t) {
   return -1;  // unreachable
 }
 
-// y <- max(y + bias[c], 0) in place; y is (N, C, H, W), contiguous in NCHW or channels_last.
-at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias) {
+// True when `a` addresses each element at the offset `b` does: a and b have one shape (the caller checks) and
+// every dim of size > 1 has the same stride (a size-1 dim's stride is never used to address anything).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) {
+    return false;
+  }
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// y <- max(y + bias[c] + residual, 0) in place; y is (N, C, H, W), contiguous in NCHW or channels_last; residual
+// (optional) has y's shape, dtype and layout.
+at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(y.is_cuda(), "ptfast._C.bias_relu_: y must be a CUDA tensor, got ", y.device());
   TORCH_CHECK(y.dim() == 4, "ptfast._C.bias_relu_: y must be 4-D (N, C, H, W), got shape ", y.sizes());
   const int dtype = bias_relu_dtype(y.scalar_type());
@@ -59,13 +74,26 @@ at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias) {
     TORCH_CHECK(b.is_contiguous(), "ptfast._C.bias_relu_: bias must be contiguous");
     bias_ptr = b.data_ptr();
   }
+  const void* residual_ptr = nullptr;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.device() == y.device(), "ptfast._C.bias_relu_: residual is on ", r.device(), " but y is on ",
+                y.device());
+    TORCH_CHECK(r.scalar_type() == y.scalar_type(), "ptfast._C.bias_relu_: residual has dtype ", r.scalar_type(),
+                " but y has ", y.scalar_type());
+    TORCH_CHECK(r.sizes() == y.sizes(), "ptfast._C.bias_relu_: residual must have y's shape ", y.sizes(), ", got ",
+                r.sizes());
+    TORCH_CHECK(same_layout(r, y), "ptfast._C.bias_relu_: residual must have y's strides ", y.strides(),
+                " (in every dim of size > 1), got ", r.strides());
+    residual_ptr = r.data_ptr();
+  }
   if (y.numel() == 0) {
     return y;
   }
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
-  const cudaError_t err = ptfast_bias_relu_inplace(y.data_ptr(), bias_ptr, y.size(0), c, y.size(2) * y.size(3),
-                                                   layout, dtype, stream);
+  const cudaError_t err = ptfast_bias_relu_inplace(y.data_ptr(), bias_ptr, residual_ptr, y.size(0), c,
+                                                   y.size(2) * y.size(3), layout, dtype, stream);
   TORCH_CHECK(err == cudaSuccess, "ptfast._C.bias_relu_: kernel launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -155,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor> pool_relu_backward(const at::Tensor& grad, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptfast CUDA kernels (optional extension; see ptfast.backends.cuda)";
-  m.def("bias_relu_", &bias_relu_, "In place y = relu(y + bias[c]) for NCHW / channels_last CUDA tensors",
-        pybind11::arg("y"), pybind11::arg("bias") = pybind11::none());
+  m.def("bias_relu_", &bias_relu_,
+        "In place y = relu(y + bias[c] + residual) for NCHW / channels_last CUDA tensors (residual: y's layout)",
+        pybind11::arg("y"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = pybind11::none());
   m.def("bias_relu_pool", &bias_relu_pool,
         "(out, argmax) = fused bias + ReLU + 2x2 max-pool (+ uint8 argmax) of a conv output, NCHW or channels_last",
         pybind11::arg("z"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("need_argmax") = true);

@@ -224,12 +224,24 @@ def masked_lm_loss_class(dtype: torch.dtype, hidden: int) -> str:
     return f"{_DTYPES.get(dtype, str(dtype))}/E{_bucket(hidden, HIDDEN_EDGES)}"
 
 
-def conv_class(dtype: torch.dtype, channels_last: bool, weight_shape: tuple[int, ...], pool: bool) -> str:
-    """``"fp16/channels_last/k3x3/pool/cout128"``: dtype, layout, kernel, pooled or not, output channel bucket."""
+def conv_class(
+    dtype: torch.dtype,
+    channels_last: bool,
+    weight_shape: tuple[int, ...],
+    pool: bool,
+    *,
+    stride: int = 1,
+    residual: bool = False,
+) -> str:
+    """``"fp16/channels_last/k3x3/pool/cout128"``: dtype, layout, kernel, pooled or not, output channel bucket;
+    ``/s2`` and ``/residual`` are inserted after the kernel for strided convs and residual epilogues (other
+    kernel specializations, verified separately)."""
     cout, _, kh, kw = (int(s) for s in weight_shape)
     layout = "channels_last" if channels_last else "nchw"
     tail = "pool" if pool else "nopool"
-    return f"{_DTYPES.get(dtype, str(dtype))}/{layout}/k{kh}x{kw}/{tail}/cout{_bucket(cout, CHANNEL_EDGES)}"
+    extra = ("/s2" if stride != 1 else "") + ("/residual" if residual else "")
+    bucket = _bucket(cout, CHANNEL_EDGES)
+    return f"{_DTYPES.get(dtype, str(dtype))}/{layout}/k{kh}x{kw}{extra}/{tail}/cout{bucket}"
 
 
 SHAPE_CLASS_OPS = {

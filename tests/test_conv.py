@@ -139,7 +139,7 @@ def test_frozen_weights_and_no_grad(pool):
     assert not out_ng.requires_grad
     assert_close64(out_ng, ref, "no_grad out")
     # Forward-only path keeps no argmax.
-    _, argmax = torch.ops.ptfast.conv_relu(x.detach(), weight, b, 1, pool, False, "torch")
+    _, argmax = torch.ops.ptfast.conv_relu(x.detach(), weight, b, None, 1, 1, pool, False, "torch")
     assert argmax.numel() == 0
 
 
@@ -184,11 +184,11 @@ def test_opcheck(pool, need_argmax, channels_last):
     # channels_last: the backward's fake kernel must promise dx in x's layout (it once said contiguous).
     x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8, channels_last=channels_last)
     weight.requires_grad_()
-    opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, 1, pool, need_argmax and pool, "torch"))
-    out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, 1, pool, pool, "torch")
+    opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, None, 1, 1, pool, need_argmax and pool, "torch"))
+    out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, None, 1, 1, pool, pool, "torch")
     grad = torch.randn_like(out)
-    args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, pool, True, True, True, "torch")
-    opcheck(torch.ops.ptfast.conv_relu_backward.default, args)
+    args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, 1, pool, True, True, True, False)
+    opcheck(torch.ops.ptfast.conv_relu_backward.default, (*args, "torch"))
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,77 @@ def test_cuda_extension_rejects_bad_inputs() -> None:
         kernel(y.double(), None)
 
 
+# Odd sizes: short rows sharing a block, rows of one warp and a partial one, rows wider than a block.
+RESIDUAL_SHAPES = [(3, 5, 7, 9), (2, 64, 17, 19), (2, 1100, 2, 3)]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_bias_relu_kernel_residual(backend, dtype, shape, channels_last, with_bias) -> None:
+    """y = relu(y + bias[c] + residual) in one pass: within one rounding to y's dtype (plus the fp32 sum's own
+    error) of the float64 result, bit-exact against the same fp32 sum rounded once, NaN from y or the residual
+    propagates, and the residual is left as it was."""
+    kernel = _bias_relu_kernel(backend)
+    dev = torch.device("cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator(device=dev).manual_seed(5)
+    y = torch.randn(shape, device=dev, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    residual = torch.randn(shape, device=dev, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    y[0, 0, 0, 0] = float("nan")
+    residual[-1, -1, -1, -1] = float("nan")
+    bias = torch.randn(shape[1], device=dev, generator=gen).to(dtype) if with_bias else None
+    bias64 = bias.double().view(1, -1, 1, 1) if with_bias else torch.zeros((), device=dev, dtype=torch.float64)
+    ref64 = torch.relu(y.double() + bias64 + residual.double())
+    magnitude = y.double().abs() + bias64.abs() + residual.double().abs()
+    same_fp32 = torch.relu(y.float() + bias64.float() + residual.float()).to(dtype)
+    residual_before = residual.clone()
+
+    kernel(y, bias, residual)
+    torch.cuda.synchronize()
+
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(residual, residual_before, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, same_fp32, rtol=0, atol=0, equal_nan=True)
+    nan = ref64.isnan()
+    assert torch.equal(y.isnan(), nan)
+    # Rounding to dtype: <= eps/2 * |ref| (+ subnormal spacing); the fp32 sum of three terms: <= 2^-23 * magnitude.
+    finfo = torch.finfo(dtype)
+    tol = finfo.eps * ref64.abs() + 2.0**-22 * magnitude + finfo.tiny
+    err = (y.double() - ref64).abs()
+    assert (err[~nan] <= tol[~nan]).all(), f"max error {err[~nan].max().item()} over the fp32 + rounding bound"
+
+
+def test_cuda_extension_residual_checks() -> None:
+    """A residual must have y's device, dtype, shape and strides (a size-1 dim's stride is free); y is untouched
+    by a rejected call."""
+    kernel = _bias_relu_kernel("cuda")
+    y = torch.randn(2, 3, 4, 5, device="cuda")
+    bias = torch.randn(3, device="cuda")
+    before = y.clone()
+    with pytest.raises(RuntimeError, match="residual must have y's shape"):
+        kernel(y, bias, torch.randn(2, 3, 5, 4, device="cuda"))  # same numel, wrong shape
+    with pytest.raises(RuntimeError, match="residual must have y's shape"):
+        kernel(y, bias, torch.randn(1, 3, 4, 5, device="cuda"))  # broadcastable is not enough
+    with pytest.raises(RuntimeError, match="residual has dtype"):
+        kernel(y, bias, torch.randn(2, 3, 4, 5, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="residual must have y's strides"):
+        kernel(y, bias, torch.randn(2, 3, 4, 5, device="cuda").contiguous(memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="residual is on"):
+        kernel(y, bias, torch.randn(2, 3, 4, 5))
+    torch.cuda.synchronize()
+    assert torch.equal(y, before)
+    # C == 1: NCHW and channels_last differ only in dim 1's stride, which addresses nothing; accepted.
+    y1 = torch.randn(2, 1, 4, 5, device="cuda")
+    r1 = torch.empty(2, 1, 4, 5, device="cuda", memory_format=torch.channels_last).normal_()
+    assert r1.stride() != y1.stride()
+    expected = torch.relu(y1 + r1)
+    kernel(y1, None, r1)
+    torch.testing.assert_close(y1, expected, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_bias_relu_kernel_beyond_int32_elements(backend) -> None:

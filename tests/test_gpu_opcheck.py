@@ -92,7 +92,7 @@ def test_opcheck_conv_relu(backend, channels_last, pool) -> None:
     weight = _randn(48, 32, 3, 3, dtype=torch.bfloat16, seed=2, scale=0.06).requires_grad_()
     bias = _randn(48, dtype=torch.bfloat16, seed=3).requires_grad_()
     opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, bias, 1, pool, pool, backend))
-    out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), bias.detach(), 1, pool, pool, backend)
+    out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), bias.detach(), None, 1, 1, pool, pool, backend)
     grad = torch.randn(out.shape, device="cuda", generator=_gen(4)).to(out.dtype)
     for needs in ((True, True, True), (False, True, True)):
         args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, pool, *needs, backend)

@@ -1,4 +1,4 @@
-// In-place fused bias + ReLU epilogue for a convolution output: y = max(y + bias[c], 0).
+// In-place fused bias (+ residual) + ReLU epilogue for a convolution output: y = max(y + bias[c] + residual, 0).
 //
 // This header is host-only (no device code, no torch headers) so that both the torch binding
 // (compiled by the host C++ compiler) and the kernel's own translation unit (nvcc) can include it.
@@ -28,16 +28,20 @@ enum BiasReluDtype : int {
 extern "C" {
 
 // Launches the kernel on `stream`: for every element of y (logical shape (n, c, hw), hw = H * W) computes
-// y = max(y + bias[channel], 0) in fp32 and rounds once to y's dtype. NaN propagates (like torch.relu).
+// y = max((y + bias[channel]) + residual, 0) in fp32 (added in that order) and rounds once to y's dtype.
+// NaN propagates (like torch.relu).
 //
-// y:      device pointer to n * c * hw elements laid out as `layout` says.
-// bias:   device pointer to c elements of the same dtype, or nullptr for ReLU only.
-// layout: a ptfast::BiasReluLayout value; dtype: a ptfast::BiasReluDtype value.
+// y:        device pointer to n * c * hw elements laid out as `layout` says.
+// bias:     device pointer to c elements of the same dtype, or nullptr for no bias.
+// residual: device pointer to n * c * hw elements of the same dtype and layout as y (element i of y's memory
+//           pairs with element i of residual's: the same linear offsets), or nullptr for no residual. It must
+//           not overlap y. Without it the kernel is the residual-free one (no extra loads or arithmetic).
+// layout:   a ptfast::BiasReluLayout value; dtype: a ptfast::BiasReluDtype value.
 //
 // Returns cudaErrorInvalidValue for bad arguments (negative sizes, unknown enum values, null y with
 // elements), otherwise the launch status (cudaGetLastError right after the launch). Launches nothing when
 // y is empty. Does not synchronize.
-cudaError_t ptfast_bias_relu_inplace(void* y, const void* bias, int64_t n, int64_t c, int64_t hw, int layout,
-                                     int dtype, cudaStream_t stream);
+cudaError_t ptfast_bias_relu_inplace(void* y, const void* bias, const void* residual, int64_t n, int64_t c,
+                                     int64_t hw, int layout, int dtype, cudaStream_t stream);
 
 }  // extern "C"

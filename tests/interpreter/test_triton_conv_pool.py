@@ -90,7 +90,7 @@ def test_ties_match_torch_backend_bit_for_bit(layout) -> None:
     x, weight, bias = _tie_inputs(layout)
     results = {}
     for backend in ("torch", "triton"):
-        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, 0, True, True, backend)
+        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 0, True, True, backend)
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
         with ptfast.use_backend(backend), record_dispatch() as events:
             out_api = ptfast.conv_relu_pool(xs, ws, bs, padding=0)
@@ -114,8 +114,8 @@ def test_nan_propagates_and_matches_torch_backend(layout) -> None:
     x[0, 1, 3, 4] = float("nan")
     x[1, 0, 0, 1] = float("nan")
     x[1, 0, 1, 0] = float("nan")  # two NaNs in one window: the first one is the argmax
-    torch_out, torch_arg = torch.ops.ptfast.conv_relu(x, weight, bias, 0, True, True, "torch")
-    out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, 0, True, True, "triton")
+    torch_out, torch_arg = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 0, True, True, "torch")
+    out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 0, True, True, "triton")
     assert torch.isnan(out).sum() == 2 * 4
     torch.testing.assert_close(out, torch_out, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(argmax, torch_arg) and argmax[1, 0, 0, 0] == 1
@@ -131,7 +131,9 @@ def test_no_grad_and_frozen_weight(layout) -> None:
     assert not out_ng.requires_grad and out_ng.is_contiguous(memory_format=FORMATS[layout])
     assert torch.equal(out_ng, out_grad.detach())
     # The forward-only path keeps no argmax.
-    out_op, argmax = torch.ops.ptfast.conv_relu(x.detach(), weight.detach(), bias.detach(), 1, True, False, "triton")
+    out_op, argmax = torch.ops.ptfast.conv_relu(
+        x.detach(), weight.detach(), bias.detach(), None, 1, 1, True, False, "triton"
+    )
     assert argmax.numel() == 0 and torch.equal(out_op, out_ng)
 
 

@@ -138,7 +138,7 @@ def test_ties_match_torch_backend_bit_for_bit(layout, cin) -> None:
     x, weight, bias = _integer_inputs(layout, cin)
     results = {}
     for backend in ("torch", "triton"):
-        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, backend)
+        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, backend)
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
         with ptfast.use_backend(backend), conv_config.use_algos("implicit_gemm", "triton", "triton"):
             out_api = ptfast.conv_relu_pool(xs, ws, bs)
@@ -160,10 +160,10 @@ def test_ties_match_torch_backend_bit_for_bit(layout, cin) -> None:
 def test_tilings_agree(tile) -> None:
     # Window-major GEMM rows: any BLOCK_M (a multiple of 4) holds whole windows; results equal the default's.
     x, weight, bias = _integer_inputs("channels_last", 32)
-    ref_out, ref_arg = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "torch")
+    ref_out, ref_arg = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, "torch")
     with conv_config.use_algos("implicit_gemm"), conv_config.use_blocks(*tile):
-        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "triton")
-        plain, _ = torch.ops.ptfast.conv_relu(x, weight, bias, 1, False, False, "triton")
+        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, "triton")
+        plain, _ = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, False, False, "triton")
     assert torch.equal(out, ref_out) and torch.equal(argmax, ref_arg)
     assert torch.equal(plain, torch.relu(F.conv2d(x, weight, bias, padding=1)))
 
@@ -175,14 +175,14 @@ def test_int64_index_path_agrees(monkeypatch, cin) -> None:
 
     x, weight, bias = _integer_inputs("nchw", cin)
     with conv_config.use_algos("implicit_gemm"):
-        small = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "triton")
+        small = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, "triton")
         g = x[:, :3].repeat(1, 7, 1, 1)[:, :19]  # a (2, 19, 9, 11) conv-output gradient of small integers
         dx_small = implicit_gemm.conv_dgrad(g, weight, list(x.shape), 1)
-        dw_small = implicit_gemm.conv_wgrad(g, x, weight, 1, True)
+        dw_small = implicit_gemm.conv_wgrad(g, x, weight, 1, 1, True)
         monkeypatch.setattr(implicit_gemm, "_extent", lambda t: 2**31)
-        large = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "triton")
+        large = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, "triton")
         dx_large = implicit_gemm.conv_dgrad(g, weight, list(x.shape), 1)
-        dw_large = implicit_gemm.conv_wgrad(g, x, weight, 1, True)
+        dw_large = implicit_gemm.conv_wgrad(g, x, weight, 1, 1, True)
     assert torch.equal(small[0], large[0]) and torch.equal(small[1], large[1]) and torch.equal(dx_small, dx_large)
     assert torch.equal(dw_small[0], dw_large[0]) and torch.equal(dw_small[1], dw_large[1])
 
@@ -192,9 +192,9 @@ def test_nan_propagates_like_pytorch(layout) -> None:
     x, weight, bias = _integer_inputs(layout, 3)
     x[1, 0, 4, 5] = float("nan")  # reaches a 3x3 neighbourhood of every output channel
     with conv_config.use_algos("implicit_gemm"):
-        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "triton")
-        plain, _ = torch.ops.ptfast.conv_relu(x, weight, bias, 1, False, False, "triton")
-    ref_out, ref_arg = torch.ops.ptfast.conv_relu(x, weight, bias, 1, True, True, "torch")
+        out, argmax = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, "triton")
+        plain, _ = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, False, False, "triton")
+    ref_out, ref_arg = torch.ops.ptfast.conv_relu(x, weight, bias, None, 1, 1, True, True, "torch")
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(argmax, ref_arg)
     assert torch.isnan(out[1]).any() and not torch.isnan(out[0]).any()
@@ -208,7 +208,9 @@ def test_no_grad_forward_keeps_no_argmax() -> None:
         with_grad = ptfast.conv_relu_pool(x, weight, bias)
         with torch.no_grad():
             inference = ptfast.conv_relu_pool(x, weight, bias)
-        out, argmax = torch.ops.ptfast.conv_relu(x.detach(), weight.detach(), bias.detach(), 1, True, False, "triton")
+        out, argmax = torch.ops.ptfast.conv_relu(
+            x.detach(), weight.detach(), bias.detach(), None, 1, 1, True, False, "triton"
+        )
     assert not inference.requires_grad and torch.equal(inference, with_grad.detach())
     assert argmax.numel() == 0 and torch.equal(out, inference)
 

@@ -80,9 +80,26 @@ def test_opcheck_conv_relu(forward: str, dgrad: str, wgrad: str, pool: bool) -> 
     weight = (torch.randn(7, 5, 3, 3, generator=g) / 6).requires_grad_()
     bias = torch.randn(7, generator=g).requires_grad_()
     with conv_config.use_algos(forward, dgrad, wgrad):
-        opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, bias, 1, pool, pool, "triton"))
-        out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), bias.detach(), 1, pool, pool, "triton")
+        opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, bias, None, 1, 1, pool, pool, "triton"))
+        out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), bias.detach(), None, 1, 1, pool, pool, "triton")
         grad = torch.randn(out.shape, generator=g)
-        for needs in ((True, True, True), (True, False, False), (False, True, True)):
-            args = (grad, out, argmax, x, weight.detach(), list(x.shape), True, 1, pool, *needs, "triton")
+        for needs in ((True, True, True, False), (True, False, False, False), (False, True, True, False)):
+            args = (grad, out, argmax, x, weight.detach(), list(x.shape), True, 1, 1, pool, *needs, "triton")
             opcheck(torch.ops.ptfast.conv_relu_backward.default, args)
+
+
+@pytest.mark.parametrize("forward", ["implicit_gemm", "cudnn"])
+def test_opcheck_conv_relu_strided_residual(forward: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 9, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(7, 5, 3, 3, generator=g) / 6).requires_grad_()
+    bias = torch.randn(7, generator=g).requires_grad_()
+    residual = torch.randn(2, 7, 5, 4, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with conv_config.use_algos(forward, "triton", "triton"):
+        opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, bias, residual, 2, 1, False, False, "triton"))
+        out, argmax = torch.ops.ptfast.conv_relu(
+            x, weight.detach(), bias.detach(), residual.detach(), 2, 1, False, False, "triton"
+        )
+        grad = torch.randn(out.shape, generator=g)
+        args = (grad, out, argmax, x, weight.detach(), list(x.shape), True, 2, 1, False, True, True, True, True)
+        opcheck(torch.ops.ptfast.conv_relu_backward.default, (*args, "triton"))

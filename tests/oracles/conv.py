@@ -1,6 +1,7 @@
-"""Float64 oracle for conv + bias + ReLU (+ 2x2 max-pool), written from the definition.
+"""Float64 oracle for conv + bias (+ residual) + ReLU (+ 2x2 max-pool), written from the definition.
 
-The convolution is an explicit sum over kernel offsets of shifted input windows (no F.conv2d); pooling takes
+The convolution is an explicit sum over kernel offsets of shifted input windows (no F.conv2d); a strided one
+keeps every ``stride``-th output of the stride-1 sum (the definition of a strided convolution); pooling takes
 the first maximum of each 2x2 window in row-major order (the contract's tie rule) and floors odd sizes.
 Differentiable with autograd, so gradients come from the same definition.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def conv2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+def conv2d_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, stride: int = 1
+) -> torch.Tensor:
     x, weight = x.to(torch.float64), weight.to(torch.float64)
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -35,6 +38,7 @@ def conv2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         for dx in range(kw):
             window = xp[:, :, dy : dy + ho, dx : dx + wo]  # (n, cin, ho, wo)
             out = out + torch.einsum("nchw,oc->nohw", window, weight[:, :, dy, dx])
+    out = out[:, :, ::stride, ::stride]
     if bias is not None:
         out = out + bias.to(torch.float64).view(1, cout, 1, 1)
     return out
@@ -52,6 +56,9 @@ def maxpool2x2_first_ref(y: torch.Tensor) -> torch.Tensor:
     return best
 
 
-def conv_relu_ref(x, weight, bias=None, padding: int = 1, pool: bool = False) -> torch.Tensor:
-    y = torch.relu(conv2d_ref(x, weight, bias, padding))
+def conv_relu_ref(x, weight, bias=None, padding: int = 1, pool: bool = False, stride: int = 1, residual=None):
+    y = conv2d_ref(x, weight, bias, padding, stride)
+    if residual is not None:
+        y = y + residual.to(torch.float64)
+    y = torch.relu(y)
     return maxpool2x2_first_ref(y) if pool else y

@@ -1,6 +1,7 @@
 """conv + bias + ReLU (+ 2x2 max-pool) on the CUDA backend: cuDNN convolution, then one ``csrc/`` epilogue kernel.
 
-``conv_relu``: ``csrc/bias_relu`` in place. ``conv_relu_pool``: ``csrc/bias_relu_pool``, one kernel for bias +
+``conv_relu``: ``csrc/bias_relu`` in place (bias, the optional residual and ReLU in one pass).
+``conv_relu_pool``: ``csrc/bias_relu_pool``, one kernel for bias +
 ReLU + max-pool + a uint8 argmax, and its backward kernel that rebuilds the conv-output gradient (and sums the
 bias gradient at pooled resolution, in a fixed order) from (grad, pooled output, argmax): no full-resolution
 activation and no int64 indices are saved. The shared shape of this path is in
@@ -47,13 +48,20 @@ def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: int,
     padding: int,
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return conv_epilogue.forward(
-        x, weight, bias, padding, pool, _ext().bias_relu_, bias_relu_pool=_bias_relu_pool, need_argmax=need_argmax
-    )
+        x, weight, bias, residual, stride, padding, pool, _bias_relu_,
+        bias_relu_pool=_bias_relu_pool, need_argmax=need_argmax,
+    )  # fmt: skip
+
+
+def _bias_relu_(z: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    return _ext().bias_relu_(z, bias, residual)
 
 
 def backward(
@@ -63,10 +71,11 @@ def backward(
     x: torch.Tensor | None,
     weight: torch.Tensor,
     x_shape: list[int],
+    stride: int,
     padding: int,
     pool: bool,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
     return conv_epilogue.backward(
-        grad, out, argmax, x, weight, x_shape, padding, pool, needs, pool_relu_backward=_pool_relu_backward
+        grad, out, argmax, x, weight, x_shape, stride, padding, pool, needs, pool_relu_backward=_pool_relu_backward
     )

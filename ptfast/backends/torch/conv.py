@@ -1,8 +1,9 @@
-"""conv + bias + ReLU (+ 2x2 max-pool) on PyTorch's own ops (cuDNN / oneDNN convolution).
+"""conv + bias (+ residual) + ReLU (+ 2x2 max-pool) on PyTorch's own ops (cuDNN / oneDNN convolution).
 
 Forward saves only what backward needs: the (pooled) output and, with pooling, a 1-byte argmax per window
 (window offset 0..3 in row-major order). At the argmax the ReLU mask equals ``out > 0``, so backward rebuilds
-the conv-output gradient from (grad, out, argmax) without any full-resolution activation.
+the conv-output gradient from (grad, out, argmax) without any full-resolution activation; that gradient is
+also the residual's.
 """
 
 from __future__ import annotations
@@ -22,17 +23,29 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_hw(x_shape, weight_shape, stride: int, padding: int) -> tuple[int, int]:
+    """The convolution's output height and width (before pooling)."""
+    return (
+        (x_shape[2] + 2 * padding - weight_shape[2]) // stride + 1,
+        (x_shape[3] + 2 * padding - weight_shape[3]) // stride + 1,
+    )
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: int,
     padding: int,
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fmt = memory_format(x)
     no_argmax = x.new_empty(0, dtype=torch.uint8)
-    z = F.conv2d(x, weight, bias, padding=padding)
+    z = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    if residual is not None:  # stock order: (conv + bias) + residual, each rounded to the dtype
+        z.add_(residual)
     if not pool:
         return torch.relu_(z).contiguous(memory_format=fmt), no_argmax
     if not need_argmax:  # inference / frozen inputs: PyTorch's pooling kernel, no indices kept
@@ -69,29 +82,31 @@ def backward(
     x: torch.Tensor | None,
     weight: torch.Tensor,
     x_shape: list[int],
+    stride: int,
     padding: int,
     pool: bool,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dweight, dbias) for the entries of ``needs`` that are True; ``x`` may be None without dweight."""
-    kh, kw = weight.shape[2], weight.shape[3]
-    conv_hw = (x_shape[2] + 2 * padding - kh + 1, x_shape[3] + 2 * padding - kw + 1)
-    g = conv_output_grad(grad, out, argmax, conv_hw, pool)
-    need_dx, need_dw, need_db = needs
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dweight, dbias, dresidual) for the entries of ``needs`` that are True; ``x`` may be None without
+    dweight."""
+    g = conv_output_grad(grad, out, argmax, conv_hw(x_shape, weight.shape, stride, padding), pool)
+    need_dx, need_dw, need_db, need_dres = needs
     if x is None:  # only the shape is read when dweight is not needed
         x = g.new_empty(1).expand(x_shape)
     g = g.to(weight.dtype)
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        g,
-        x,
-        weight,
-        [weight.shape[0]],
-        [1, 1],
-        [padding, padding],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        [need_dx, need_dw, need_db],
-    )
-    return dx, dw, db
+    dx = dw = db = None
+    if need_dx or need_dw or need_db:
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            g,
+            x,
+            weight,
+            [weight.shape[0]],
+            [stride, stride],
+            [padding, padding],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [need_dx, need_dw, need_db],
+        )
+    return dx, dw, db, g if need_dres else None

@@ -1,4 +1,4 @@
-"""Triton kernel: in-place ``y = max(y + bias[c], 0)`` on a 4-D NCHW or channels_last tensor.
+"""Triton kernel: in-place ``y = max(y + bias[c] [+ residual], 0)`` on a 4-D NCHW or channels_last tensor.
 
 This module imports triton at import time; the triton conv backend imports it lazily, only when it runs, so
 ``import ptfast`` never imports triton. Importing it also registers every configuration :func:`bias_relu_` can
@@ -30,10 +30,12 @@ from ptfast.backends.triton import compile_targets
 def _bias_relu_kernel(
     y_ptr,
     bias_ptr,
+    residual_ptr,
     rows,
     inner,
     channels,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     CHANNEL_IS_ROW: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -55,6 +57,8 @@ def _bias_relu_kernel(
         else:
             b = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
             v = v + b[None, :]
+    if HAS_RESIDUAL:  # laid out like y (same offsets); one rounding of conv + bias + residual
+        v = v + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     # where(v < 0, 0, v) rather than maximum: NaN stays NaN, like torch.relu.
     v = tl.where(v < 0.0, 0.0, v)
     tl.store(y_ptr + offsets, v.to(y.dtype), mask=mask)
@@ -75,44 +79,55 @@ def pick_config(inner: int) -> tuple[int, int, int]:
     return BLOCK_CONFIGS[-1]
 
 
-def _config_name(dtype: str, channels_last: bool, has_bias: bool, cfg: tuple[int, int, int]) -> str:
+def _config_name(dtype: str, channels_last: bool, has_bias: bool, residual: bool, cfg: tuple[int, int, int]) -> str:
     layout = "nhwc" if channels_last else "nchw"
-    return f"bias_relu[{dtype},{layout},{'bias' if has_bias else 'nobias'},{cfg[0]}x{cfg[1]},w{cfg[2]}]"
+    res = ",residual" if residual else ""
+    return f"bias_relu[{dtype},{layout},{'bias' if has_bias else 'nobias'}{res},{cfg[0]}x{cfg[1]},w{cfg[2]}]"
 
 
 def _register_configs() -> None:
-    """Every (dtype, layout, bias or not, block config) that :func:`bias_relu_` can launch."""
-    configs = itertools.product(_TRITON_DTYPES.values(), (False, True), (True, False), BLOCK_CONFIGS)
-    for tdtype, channels_last, has_bias, (block_r, block_c, num_warps) in configs:
+    """Every (dtype, layout, bias or not, residual or not, block config) that :func:`bias_relu_` can launch."""
+    configs = itertools.product(_TRITON_DTYPES.values(), (False, True), (True, False), (False, True), BLOCK_CONFIGS)
+    for tdtype, channels_last, has_bias, residual, (block_r, block_c, num_warps) in configs:
         compile_targets.register(
-            _config_name(tdtype, channels_last, has_bias, (block_r, block_c, num_warps)),
+            _config_name(tdtype, channels_last, has_bias, residual, (block_r, block_c, num_warps)),
             _bias_relu_kernel,
             signature={
                 "y_ptr": f"*{tdtype}",
                 "bias_ptr": f"*{tdtype}",
+                "residual_ptr": f"*{tdtype}",
                 "rows": "i32",
                 "inner": "i32",
                 "channels": "i32",
             },
             constexprs={
                 "HAS_BIAS": has_bias,
+                "HAS_RESIDUAL": residual,
                 "CHANNEL_IS_ROW": not channels_last,
                 "BLOCK_R": block_r,
                 "BLOCK_C": block_c,
             },
             num_warps=num_warps,
-            divisible_by_16=("y_ptr", "bias_ptr"),
+            divisible_by_16=("y_ptr", "bias_ptr", "residual_ptr"),
         )
 
 
 _register_configs()
 
 
-def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """In place ``y = relu(y + bias[c])`` (``bias=None``: ReLU only); returns ``y``.
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides on every dimension longer than 1 (the only ones that address memory)."""
+    if a.shape != b.shape:
+        return False
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
+
+
+def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """In place ``y = relu(y + bias[c] + residual)`` (``bias=None`` / ``residual=None``: left out); returns ``y``.
 
     ``y``: ``(N, C, H, W)`` fp16/bf16/fp32, contiguous in NCHW or channels_last; ``bias``: ``(C,)``, same dtype
-    and device, contiguous. The caller (the conv backend) has validated everything else.
+    and device, contiguous; ``residual``: y's shape, dtype and strides. The caller (the conv backend) has
+    validated everything else.
     """
     if y.dim() != 4 or y.dtype not in _TRITON_DTYPES:
         raise ValueError(f"bias_relu_: y must be a 4-D fp16/bf16/fp32 tensor, got {y.dtype} {tuple(y.shape)}")
@@ -128,6 +143,13 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise ValueError(
             f"bias_relu_: bias must be a contiguous ({c},) {y.dtype} tensor, got {bias.dtype} {tuple(bias.shape)}"
         )
+    if residual is not None and (
+        residual.shape != y.shape or residual.dtype != y.dtype or not same_layout(residual, y)
+    ):
+        raise ValueError(
+            f"bias_relu_: residual must match y's shape, dtype and strides, got {residual.dtype} "
+            f"{tuple(residual.shape)} strides {residual.stride()}"
+        )
     if y.numel() == 0:
         return y
     block_r, block_c, num_warps = pick_config(inner)
@@ -136,10 +158,12 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         triton_backend.checked(_bias_relu_kernel, grid)(
             y,
             bias if bias is not None else y,  # never read when HAS_BIAS is False
+            residual if residual is not None else y,  # never read when HAS_RESIDUAL is False
             rows,
             inner,
             c,
             HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None,
             CHANNEL_IS_ROW=not channels_last,
             BLOCK_R=block_r,
             BLOCK_C=block_c,

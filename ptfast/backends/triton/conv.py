@@ -33,7 +33,8 @@ NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def supports(**meta: object) -> str | None:
-    """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, padding, pool)."""
+    """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, residual, stride,
+    padding, pool)."""
     reason = conv_epilogue.supports("triton", meta, triton_backend.device_reason_while_compiling, has_pool_kernels=True)
     x = meta.get("x")
     if reason is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -46,24 +47,27 @@ def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: int,
     padding: int,
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    algos = _algos(x, weight, padding, x.shape[2])
+    algos = _algos(x, weight, stride, padding, x.shape[2])
     # Which algorithm ran, for tests (ptfast.testing.record_dispatch): phase "forward:<algo>".
     _dispatch.record(_op(pool), "triton", f"forward:{algos.forward}")
     if algos.forward == "implicit_gemm":
         from ptfast.backends.triton.implicit_gemm import conv_bias_relu  # imports triton
 
-        return conv_bias_relu(x, weight, bias, padding, pool, need_argmax)
+        return conv_bias_relu(x, weight, bias, residual, stride, padding, pool, need_argmax)
     # These import triton: only when this backend runs.
     from ptfast.backends.triton.bias_relu import bias_relu_
     from ptfast.backends.triton.bias_relu_pool import bias_relu_pool
 
     return conv_epilogue.forward(
-        x, weight, bias, padding, pool, bias_relu_, bias_relu_pool=bias_relu_pool, need_argmax=need_argmax
-    )
+        x, weight, bias, residual, stride, padding, pool, bias_relu_,
+        bias_relu_pool=bias_relu_pool, need_argmax=need_argmax,
+    )  # fmt: skip
 
 
 def backward(
@@ -73,19 +77,21 @@ def backward(
     x: torch.Tensor | None,
     weight: torch.Tensor,
     x_shape: list[int],
+    stride: int,
     padding: int,
     pool: bool,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dweight, dbias); with pooling the conv-output and bias gradients come from the fused kernel."""
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dweight, dbias, dresidual); with pooling the conv-output and bias gradients come from the fused
+    kernel. A strided conv's input gradient is cuDNN's (the Triton dgrad is the stride-1 transposed conv)."""
     pool_relu_backward = dgrad = wgrad = None
     if pool:
         from ptfast.backends.triton.bias_relu_pool import pool_relu_backward  # imports triton
-    algos = _algos(out, weight, padding, x_shape[2])
+    algos = _algos(out, weight, stride, padding, x_shape[2])
     if (needs[0] and algos.dgrad == "triton") or (needs[1] and algos.wgrad == "triton"):
         from ptfast.backends.triton import implicit_gemm  # imports triton
 
-        if needs[0] and algos.dgrad == "triton" and implicit_gemm.dgrad_supported(weight.shape, padding):
+        if needs[0] and algos.dgrad == "triton" and implicit_gemm.dgrad_supported(weight.shape, stride, padding):
             dgrad = implicit_gemm.conv_dgrad
         if needs[1] and algos.wgrad == "triton":
             wgrad = implicit_gemm.conv_wgrad
@@ -100,6 +106,7 @@ def backward(
         x,
         weight,
         x_shape,
+        stride,
         padding,
         pool,
         needs,
@@ -113,9 +120,11 @@ def _op(pool: bool) -> str:
     return "conv_relu_pool" if pool else "conv_relu"
 
 
-def _algos(activation: torch.Tensor, weight: torch.Tensor, padding: int, input_h: int) -> conv_config.Algos:
+def _algos(
+    activation: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, input_h: int
+) -> conv_config.Algos:
     """The layer's algorithms; ``activation`` (x in forward, the saved output in backward) gives the layout."""
-    conv_h = input_h + 2 * padding - weight.shape[2] + 1
+    conv_h = (input_h + 2 * padding - weight.shape[2]) // stride + 1
     channels_last = torch_conv.memory_format(activation) == torch.channels_last
     return conv_config.algos_for(
         activation.device, weight.dtype, weight.shape[1], weight.shape[0], conv_h, channels_last=channels_last

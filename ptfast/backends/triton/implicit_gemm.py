@@ -1,4 +1,5 @@
-"""Launchers of the Triton implicit-GEMM convolution (:mod:`.implicit_gemm_kernels`): the fused forward and dgrad.
+"""Launchers of the Triton implicit-GEMM convolution (:mod:`.implicit_gemm_kernels`): the fused forward (stride 1
+or 2, optional residual), the stride-1 dgrad and the weight gradient.
 
 Both take PyTorch tensors in NCHW or channels_last (any strides for the activations) and return their result
 in the activation's memory format. The weight is re-laid once per call as the GEMM's B matrix
@@ -33,6 +34,8 @@ def _launch(
     pad_hw: tuple[int, int],
     relu: bool,
     pool: bool,
+    stride: int = 1,
+    residual: torch.Tensor | None = None,
 ) -> None:
     n, cin, h, w = x.shape
     cout, ho, wo = out.shape[1], out.shape[2], out.shape[3]
@@ -48,6 +51,7 @@ def _launch(
             x,
             w_mat,
             bias if bias is not None else w_mat,  # never read without HAS_BIAS
+            residual if residual is not None else out,  # never read without HAS_RESIDUAL
             out,
             argmax if argmax is not None else out,  # never written without NEED_ARGMAX
             m,
@@ -62,7 +66,9 @@ def _launch(
             *out.stride(),
             KH=kernel_hw[0],
             KW=kernel_hw[1],
+            STRIDE=stride,
             HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None,
             RELU=relu,
             POOL=pool,
             NEED_ARGMAX=argmax is not None,
@@ -82,33 +88,41 @@ def conv_bias_relu(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: int,
     padding: int,
     pool: bool,
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, argmax)``: ``relu(conv2d(x, weight, bias, padding))``, 2x2 max-pooled when ``pool``, in one kernel.
+    """``(out, argmax)``: ``relu(conv2d(x, weight, bias, stride, padding) + residual)``, 2x2 max-pooled when
+    ``pool`` (then stride 1 and no residual), in one kernel.
 
-    ``x``: ``(N, Cin, H, W)``; ``weight``: ``(Cout, Cin, kh, kw)``; ``bias``: ``(Cout,)`` or None; one dtype
-    (fp16/bf16/fp32). ``out``: ``(N, Cout, Hc, Wc)`` or pooled ``(N, Cout, Hc // 2, Wc // 2)`` in x's memory
-    format; ``argmax``: uint8 window offsets of that shape and format when ``pool and need_argmax``, else an
-    empty uint8 tensor.
+    ``x``: ``(N, Cin, H, W)``; ``weight``: ``(Cout, Cin, kh, kw)``; ``bias``: ``(Cout,)`` or None; ``residual``:
+    None or the unpooled output's shape; one dtype (fp16/bf16/fp32). ``out``: ``(N, Cout, Hc, Wc)`` or pooled
+    ``(N, Cout, Hc // 2, Wc // 2)`` in x's memory format; ``argmax``: uint8 window offsets of that shape and
+    format when ``pool and need_argmax``, else an empty uint8 tensor.
     """
     n, _, h, w = x.shape
     cout, cin, kh, kw = weight.shape
-    hc, wc = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    hc, wc = torch_conv.conv_hw(x.shape, weight.shape, stride, padding)
     shape = (n, cout, hc // 2, wc // 2) if pool else (n, cout, hc, wc)
     fmt = torch_conv.memory_format(x)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     argmax = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt) if pool and need_argmax else None
     w_mat = weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).contiguous()
     bias = bias.contiguous() if bias is not None else None
-    _launch(x, w_mat, bias, out, argmax, (kh, kw), (padding, padding), relu=True, pool=pool)
+    if residual is not None:  # read with out's strides: make the layouts agree (a no-op when they already do)
+        residual = residual.contiguous(memory_format=fmt)
+        if any(size > 1 and a != b for size, a, b in zip(out.shape, out.stride(), residual.stride(), strict=True)):
+            residual = torch.empty_like(out).copy_(residual)
+    _launch(x, w_mat, bias, out, argmax, (kh, kw), (padding, padding), True, pool, stride, residual)
     return out, argmax if argmax is not None else x.new_empty(0, dtype=torch.uint8)
 
 
-def dgrad_supported(weight_shape: tuple[int, ...] | list[int], padding: int) -> bool:
-    """The dgrad is a convolution with padding ``k - 1 - p`` on each axis: it exists while ``p <= k - 1``."""
-    return padding <= weight_shape[2] - 1 and padding <= weight_shape[3] - 1
+def dgrad_supported(weight_shape: tuple[int, ...] | list[int], stride: int, padding: int) -> bool:
+    """The stride-1 dgrad is a convolution with padding ``k - 1 - p`` on each axis: it exists while
+    ``p <= k - 1``. A strided conv's dgrad (a transposed conv with holes) is left to cuDNN."""
+    return stride == 1 and padding <= weight_shape[2] - 1 and padding <= weight_shape[3] - 1
 
 
 def conv_dgrad(
@@ -124,7 +138,7 @@ def conv_dgrad(
     ``memory_format``. Needs :func:`dgrad_supported`.
     """
     cout, cin, kh, kw = weight.shape
-    if not dgrad_supported(weight.shape, padding):
+    if not dgrad_supported(weight.shape, 1, padding):
         raise ValueError(f"conv_dgrad: padding {padding} > kernel size - 1 ({kh}x{kw}); use cuDNN's dgrad")
     dx = torch.empty(x_shape, dtype=g.dtype, device=g.device, memory_format=memory_format)
     # dx[n, ci, i, j] = sum_{co, r, s} g[n, co, i + r - (kh-1-p), j + s - (kw-1-p)] * w[co, ci, kh-1-r, kw-1-s]
@@ -151,9 +165,9 @@ def _splits(device: torch.device, tiles: int, row_chunks: int) -> int:
 
 
 def conv_wgrad(
-    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_dbias: bool
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, need_dbias: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(dweight, dbias)`` of ``conv2d(x, weight, padding=padding)`` (stride 1) for the output gradient ``g``.
+    """``(dweight, dbias)`` of ``conv2d(x, weight, stride=stride, padding=padding)`` for the output gradient ``g``.
 
     ``g``: ``(N, Cout, Hc, Wc)``, ``x``: ``(N, Cin, H, W)``, any strides, weight's dtype. Accumulated in fp32
     per row split, the splits summed in a fixed order (run-to-run identical). ``dweight`` in weight's memory
@@ -194,6 +208,7 @@ def conv_wgrad(
                 *x.stride(),
                 KH=kh,
                 KW=kw,
+                STRIDE=stride,
                 NEED_DBIAS=need_dbias,
                 FLAT_K=flat_k,
                 LARGE=large,

@@ -1,11 +1,13 @@
-"""Triton implicit-GEMM convolution (stride 1) with bias + ReLU + 2x2 max-pool + argmax inside the GEMM epilogue.
+"""Triton implicit-GEMM convolution (stride 1 or 2) with bias (+ residual) + ReLU + 2x2 max-pool + argmax inside
+the GEMM epilogue.
 
 This module imports triton at import time; it is imported only when the triton conv backend runs (or by the
 compile-for-target check), and importing it registers every configuration of :mod:`.conv_config` with
-:mod:`ptfast.backends.triton.compile_targets`.
+:mod:`ptfast.backends.triton.compile_targets` (the registrations: :mod:`.implicit_gemm_targets`).
 
-The convolution ``out[n, co, oh, ow] = sum_{r, s, ci} x[n, ci, oh + r - pad_h, ow + s - pad_w] * w[co, ci, r, s]``
-is one GEMM ``[M, K] x [K, Cout]`` whose A operand is never materialized (no im2col buffer):
+The convolution ``out[n, co, oh, ow] = sum_{r, s, ci} x[n, ci, S*oh + r - pad_h, S*ow + s - pad_w] * w[co, ci, r, s]``
+(``S`` the stride, a constexpr) is one GEMM ``[M, K] x [K, Cout]`` whose A operand is never materialized (no
+im2col buffer):
 
 * GEMM rows ``m`` are output pixels. Without pooling ``m = (n * Ho + oh) * Wo + ow``. With pooling the rows
   are ordered by pooling window, ``m = ((n * Ho + ph) * Wo + pw) * 4 + dy * 2 + dx`` over the *pooled* grid
@@ -24,8 +26,9 @@ is one GEMM ``[M, K] x [K, Cout]`` whose A operand is never materialized (no im2
 * x and out are addressed through their strides: NCHW and channels_last both work (channels_last is the fast
   one: a row of A is contiguous). Index math is int32 unless some tensor spans 2^31 elements (``LARGE``).
 
-Epilogue (fp32 accumulator): ``+ bias``; then without pooling ReLU and the store. With pooling the values are
-rounded to the output dtype *first* (the contract's ties are about the kernel's own rounded output), each
+Epilogue (fp32 accumulator): ``+ bias``; then without pooling ``+ residual`` (``HAS_RESIDUAL``: a tensor laid
+out like the output, read with the output's strides: ResNet's block tail), ReLU and the store. With pooling the
+values are rounded to the output dtype *first* (the contract's ties are about the kernel's own rounded output), each
 window's four values are taken apart by a reshape/permute/split of the accumulator tile, and the first maximum
 in row-major order wins (a NaN wins over numbers; the first NaN among several) — the same rule as the
 standalone epilogue kernel (:func:`ptfast.backends.triton.bias_relu_pool._take`). ReLU is applied to the winner
@@ -41,13 +44,10 @@ fp32 partial tile, and the launcher sums the splits in a fixed order (determinis
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator
-
 import triton
 import triton.language as tl
 
-from ptfast.backends.triton import compile_targets, conv_config
+from ptfast.backends.triton import implicit_gemm_targets
 from ptfast.backends.triton.bias_relu_pool import _take
 
 
@@ -78,6 +78,7 @@ def _conv_gemm_fwd(
     x_ptr,
     w_ptr,
     bias_ptr,
+    residual_ptr,
     out_ptr,
     argmax_ptr,
     M,
@@ -99,7 +100,9 @@ def _conv_gemm_fwd(
     o_sw,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
     POOL: tl.constexpr,
     NEED_ARGMAX: tl.constexpr,
@@ -131,8 +134,8 @@ def _conv_gemm_fwd(
         ow = m % Wo
         n = t // Ho
     x_row = n * x_sn
-    ih0 = oh - pad_h
-    iw0 = ow - pad_w
+    ih0 = oh * STRIDE - pad_h
+    iw0 = ow * STRIDE - pad_w
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < Cout
     kk = tl.arange(0, BLOCK_K)
@@ -192,11 +195,14 @@ def _conv_gemm_fwd(
         if NEED_ARGMAX:
             tl.store(argmax_ptr + offsets, idx.to(tl.uint8), mask=o_ok)
     else:
-        if RELU:
-            acc = tl.where(acc < 0.0, 0.0, acc)
         o_rows = n * o_sn + oh * o_sh + ow * o_sw
         offsets = o_rows[:, None] + co[None, :] * o_sc
-        tl.store(out_ptr + offsets, acc.to(out_ty), mask=m_ok[:, None] & co_ok[None, :])
+        o_ok = m_ok[:, None] & co_ok[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(residual_ptr + offsets, mask=o_ok, other=0.0).to(tl.float32)
+        if RELU:
+            acc = tl.where(acc < 0.0, 0.0, acc)
+        tl.store(out_ptr + offsets, acc.to(out_ty), mask=o_ok)
 
 
 @triton.jit
@@ -225,6 +231,7 @@ def _conv_gemm_wgrad(
     x_sw,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    STRIDE: tl.constexpr,
     NEED_DBIAS: tl.constexpr,
     FLAT_K: tl.constexpr,
     LARGE: tl.constexpr,
@@ -273,13 +280,13 @@ def _conv_gemm_wgrad(
         g_rows = n * g_sn + oh * g_sh + ow * g_sw
         gt = tl.load(g_ptr + g_rows[:, None] + co[None, :] * g_sc, mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         if FLAT_K:
-            ih = (oh - pad_h)[:, None] + r[None, :]
-            iw = (ow - pad_w)[:, None] + s[None, :]
+            ih = (oh * STRIDE - pad_h)[:, None] + r[None, :]
+            iw = (ow * STRIDE - pad_w)[:, None] + s[None, :]
             a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_ptr + (n * x_sn)[:, None] + ih * x_sh + iw * x_sw + ci[None, :] * x_sc, mask=a_ok, other=0.0)
         else:
-            ih = oh - pad_h + tap // KW
-            iw = ow - pad_w + tap % KW
+            ih = oh * STRIDE - pad_h + tap // KW
+            iw = ow * STRIDE - pad_w + tap % KW
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_rows = n * x_sn + ih * x_sh + iw * x_sw + c0 * x_sc
             a = tl.load(x_ptr + a_rows[:, None] + kk[None, :] * x_sc, mask=row_ok[:, None], other=0.0)
@@ -294,148 +301,6 @@ def _conv_gemm_wgrad(
             tl.store(db_part_ptr + split * Cout + co, db, mask=co_ok)
 
 
-_TRITON_DTYPES = {2: ("fp16", "bf16"), 4: ("fp32",)}
-# (FLAT_K, epilogue on, LARGE): the heaviest and the plain variant of each K walk, plus int64 indexing.
-_VARIANTS = [(flat, epi, False) for flat, epi in itertools.product((False, True), (True, False))]
-_VARIANTS.append((False, True, True))
-
-
-def _register_configs() -> None:
-    """Every table entry of :mod:`.conv_config` for its own GPU class: the heaviest specialization (bias, pool,
-    argmax) and the plain one (dgrad), for both ways of walking K (dtypes: see :func:`_with_dtypes`)."""
-    ints = ("M", "Cin", "Cout", "H", "W", "Ho", "Wo", "pad_h", "pad_w")
-    strides = ("x_sn", "x_sc", "x_sh", "x_sw", "o_sn", "o_sc", "o_sh", "o_sw")
-    pointers = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "argmax_ptr")
-    for arch, table in conv_config.TABLES.items():
-        for (elem, cout_bucket), blocks in table.items():
-            precision = "tf32" if elem == 4 else "ieee"
-            for (flat_k, epilogue, large), tdtype in _with_dtypes(arch, elem, _VARIANTS):
-                block_k = conv_config.flat_block_k(elem) if flat_k else blocks.block_k
-                compile_targets.register(
-                    f"conv_gemm_fwd[sm{arch},{tdtype},cout{cout_bucket},{'flat' if flat_k else 'taps'},"
-                    f"{'bias_relu_pool_argmax' if epilogue else 'plain'}{',int64' if large else ''},"
-                    f"{blocks.block_m}x{blocks.block_n}x{block_k},w{blocks.num_warps},s{blocks.num_stages}]",
-                    _conv_gemm_fwd,
-                    signature={
-                        "x_ptr": f"*{tdtype}",
-                        "w_ptr": f"*{tdtype}",
-                        "bias_ptr": f"*{tdtype}",
-                        "out_ptr": f"*{tdtype}",
-                        "argmax_ptr": "*u8",
-                        **dict.fromkeys(ints + strides, "i32"),
-                    },
-                    constexprs={
-                        "KH": 3,
-                        "KW": 3,
-                        "HAS_BIAS": epilogue,
-                        "RELU": epilogue,
-                        "POOL": epilogue,
-                        "NEED_ARGMAX": epilogue,
-                        "FLAT_K": flat_k,
-                        "LARGE": large,
-                        "DOT_PRECISION": precision,
-                        "BLOCK_M": blocks.block_m,
-                        "BLOCK_N": blocks.block_n,
-                        "BLOCK_K": block_k,
-                        "GROUP_M": conv_config.GROUP_M,
-                    },
-                    num_warps=blocks.num_warps,
-                    num_stages=blocks.num_stages,
-                    # channels_last with Cin a multiple of 16 (the tap walk): every stride but the channel's.
-                    divisible_by_16=pointers + (() if flat_k else ("Cin", "Cout", "x_sn", "x_sh", "x_sw")),
-                    archs=(arch,),
-                    hot=_is_hot(arch, elem, large),
-                    launch_ints=_fwd_launch_ints(flat_k, cout_bucket, pool=epilogue),
-                )
-
-
-def _layer(flat_k: bool, cout_bucket: int) -> tuple[int, int, int]:
-    """(Cin, Cout, H = W) of the VGG-16 layer a configuration stands for: the RGB stem for the flat K walk, else
-    the 64- or 128-channel block."""
-    if flat_k:
-        return 3, cout_bucket, 224
-    return cout_bucket, cout_bucket, 224 if cout_bucket == 64 else 112
-
-
-def _channels_last(c: int, h: int, w: int) -> tuple[int, int, int, int]:
-    """(n, c, h, w) strides of a channels_last tensor."""
-    return h * w * c, 1, w * c, c
-
-
-def _fwd_launch_ints(flat_k: bool, cout_bucket: int, pool: bool) -> dict[str, int]:
-    """Integer arguments of a typical launch (batch 32, channels_last, 3x3 padding 1): the JIT compiles the unit
-    channel stride as a constant, and so does the check."""
-    cin, cout, hw = _layer(flat_k, cout_bucket)
-    out_hw = hw // 2 if pool else hw
-    ints = {"M": 32 * hw * hw, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "Ho": out_hw, "Wo": out_hw}
-    ints |= {"pad_h": 1, "pad_w": 1}
-    ints |= dict(zip(("x_sn", "x_sc", "x_sh", "x_sw"), _channels_last(cin, hw, hw), strict=True))
-    return ints | dict(zip(("o_sn", "o_sc", "o_sh", "o_sw"), _channels_last(cout, out_hw, out_hw), strict=True))
-
-
-def _wgrad_launch_ints(flat_k: bool, cout_bucket: int) -> dict[str, int]:
-    cin, cout, hw = _layer(flat_k, cout_bucket)
-    ints = {"M": 32 * hw * hw, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "Hc": hw, "Wc": hw, "pad_h": 1}
-    ints |= {"pad_w": 1, "rows_per_split": 8192}
-    ints |= dict(zip(("g_sn", "g_sc", "g_sh", "g_sw"), _channels_last(cout, hw, hw), strict=True))
-    return ints | dict(zip(("x_sn", "x_sc", "x_sh", "x_sw"), _channels_last(cin, hw, hw), strict=True))
-
-
-def _with_dtypes(arch: int, elem: int, variants: Iterable[tuple[bool, ...]]) -> Iterator[tuple[tuple[bool, ...], str]]:
-    """(variant, Triton dtype) pairs to register: hot variants in every dtype of the size (fp16 and bf16 share
-    tiles, not conversions), the others in the first (which stands for the rest: same tile bytes)."""
-    for variant in variants:
-        hot = _is_hot(arch, elem, large=variant[-1])
-        for tdtype in _TRITON_DTYPES[elem] if hot else _TRITON_DTYPES[elem][:1]:
-            yield variant, tdtype
-
-
-def _is_hot(arch: int, elem: int, large: bool) -> bool:
-    """Half-precision entries of sm_80 / sm_90 with int32 indexing: what VGG training runs (must not spill)."""
-    return arch in (80, 90) and elem == 2 and not large
-
-
-def _register_wgrad_configs() -> None:
-    """The weight-gradient kernel for every table entry: both K walks with the bias sum on; int64 indexing."""
-    ints = ("M", "Cin", "Cout", "H", "W", "Hc", "Wc", "pad_h", "pad_w", "rows_per_split")
-    strides = ("g_sn", "g_sc", "g_sh", "g_sw", "x_sn", "x_sc", "x_sh", "x_sw")
-    pointers = ("g_ptr", "x_ptr", "dw_part_ptr", "db_part_ptr")
-    for arch, table in conv_config.TABLES.items():
-        for (elem, cout_bucket), blocks in table.items():
-            block_m = conv_config.WGRAD_BLOCK_M[elem]
-            for (flat_k, large), tdtype in _with_dtypes(arch, elem, ((False, False), (True, False), (False, True))):
-                block_k = conv_config.flat_block_k(elem) if flat_k else blocks.block_k
-                compile_targets.register(
-                    f"conv_gemm_wgrad[sm{arch},{tdtype},cout{cout_bucket},{'flat' if flat_k else 'taps'},dbias"
-                    f"{',int64' if large else ''},{block_m}x{blocks.block_n}x{block_k},w{blocks.num_warps},"
-                    f"s{blocks.num_stages}]",
-                    _conv_gemm_wgrad,
-                    signature={
-                        "g_ptr": f"*{tdtype}",
-                        "x_ptr": f"*{tdtype}",
-                        "dw_part_ptr": "*fp32",
-                        "db_part_ptr": "*fp32",
-                        **dict.fromkeys(ints + strides, "i32"),
-                    },
-                    constexprs={
-                        "KH": 3,
-                        "KW": 3,
-                        "NEED_DBIAS": True,
-                        "FLAT_K": flat_k,
-                        "LARGE": large,
-                        "DOT_PRECISION": "tf32" if elem == 4 else "ieee",
-                        "BLOCK_M": block_m,
-                        "BLOCK_N": blocks.block_n,
-                        "BLOCK_K": block_k,
-                    },
-                    num_warps=blocks.num_warps,
-                    num_stages=blocks.num_stages,
-                    divisible_by_16=pointers + (() if flat_k else ("Cin", "Cout", "x_sn", "x_sh", "x_sw")),
-                    archs=(arch,),
-                    hot=_is_hot(arch, elem, large),
-                    launch_ints=_wgrad_launch_ints(flat_k, cout_bucket),
-                )
-
-
-_register_configs()
-_register_wgrad_configs()
+# Compile-for-target registrations (VGG's and ResNet's specializations) live in their own module, which only
+# needs the two kernels: importing this module registers them, as compile_targets.KERNEL_MODULES expects.
+implicit_gemm_targets.register_all(_conv_gemm_fwd, _conv_gemm_wgrad)
