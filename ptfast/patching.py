@@ -1,16 +1,19 @@
 """``ptfast.patch(model)``: swap supported blocks of an existing model for fused ptfast modules, in place.
 
-Covered: VGG-style ``nn.Sequential`` stacks (torchvision layout: ``Conv2d[, BatchNorm2d], ReLU[,
-MaxPool2d(2, 2)]``). A ``Conv2d -> ReLU -> MaxPool2d(2, 2)`` run becomes :class:`ptfast.nn.ConvReLUPool2d` and
-``Conv2d -> ReLU`` becomes :class:`ptfast.nn.ConvReLU2d`; the ReLU / pool slots become ``nn.Identity`` so
-indices, parameter objects and state_dict keys stay what they were (old checkpoints load, optimizers keep their
-state). ``vgg*_bn`` runs (``Conv2d -> BatchNorm2d -> ReLU [-> MaxPool2d]``) become ``ConvBNReLU(Pool)2d``: the
-BatchNorm object stays in its slot (same keys) with an identity forward, and the fused module folds it into the
-conv on the fly whenever it would use running statistics (eval mode), and runs stock unfused math in training
-mode (see :mod:`ptfast.nn.conv`). Convert to ``SyncBatchNorm`` *before* patching: converting afterwards would
-put a normalizing module back in the BN slot and normalize twice.
-Modules that carry hooks (feature extractors tap ``relu1_2`` etc.) are left alone, as are convolutions the
-fused op does not support. Patching is idempotent.
+CNNs (any model whose modules' forwards torch.fx can read; see :mod:`ptfast.patching_cnn`): each chain
+``Conv2d -> [BatchNorm2d] -> [+ residual] -> ReLU [-> MaxPool2d(2, 2)]`` found in the dataflow of a forward
+(``nn.Sequential`` stacks, attribute-style models, ResNet blocks) is fused. A chain of modules called once
+becomes one fused module (:class:`ptfast.nn.ConvReLUPool2d`, :class:`ptfast.nn.ConvReLU2d`,
+``ConvBNReLU(Pool)2d``, ``ConvBN2d``) sharing the conv's parameters, with the ReLU / pool slots turned into
+``nn.Identity`` so indices, parameter objects and state_dict keys stay what they were (old checkpoints load,
+optimizers keep their state). The BatchNorm object stays in its slot (same keys) with an identity forward, and
+the fused module folds it into the conv on the fly whenever it would use running statistics (eval mode), and
+runs stock unfused math in training mode (see :mod:`ptfast.nn.conv`). Residual blocks (ResNet's
+``BasicBlock`` / ``Bottleneck``) run their chains, residual add included, as fused steps
+(:mod:`ptfast.nn.fused_block`). Convert to ``SyncBatchNorm`` *before* patching: converting afterwards would put
+a normalizing module back in the BN slot and normalize twice. Modules that carry hooks (feature extractors tap
+``relu1_2`` etc.) are left alone, as are convolutions the fused op does not support; the report says why for
+every conv not fused. Patching is idempotent.
 
 Hugging Face models (recognized only when transformers is already imported or the model's class comes from it;
 ``import ptfast`` never imports transformers): ``attn_implementation="ptfast"`` is registered and, with
@@ -33,14 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ptfast.nn.conv import (
-    ConvBNReLU2d,
-    ConvBNReLUPool2d,
-    ConvReLU2d,
-    ConvReLUPool2d,
-    bn_unsupported_reason,
-    unsupported_reason,
-)
+from ptfast.patching_cnn import patch_convs
 
 log = logging.getLogger("ptfast")
 
@@ -57,84 +53,6 @@ class PatchReport:
         lines += [f"  replaced {r}" for r in self.replaced]
         lines += [f"  kept     {s}" for s in self.skipped]
         return "\n".join(lines)
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(
-        m._forward_hooks
-        or m._forward_pre_hooks
-        or m._backward_hooks
-        or getattr(m, "_backward_pre_hooks", None)
-        or getattr(m, "_state_dict_hooks", None)
-    )
-
-
-def _is_pool2x2(m: nn.Module) -> bool:
-    def pair(v):
-        return v if isinstance(v, tuple) else (v, v)
-
-    return (
-        type(m) is nn.MaxPool2d
-        and pair(m.kernel_size) == (2, 2)
-        and pair(m.stride) == (2, 2)
-        and pair(m.padding) == (0, 0)
-        and pair(m.dilation) == (1, 1)
-        and not m.ceil_mode
-        and not m.return_indices
-        and not _has_hooks(m)
-    )
-
-
-def _patch_sequential(seq: nn.Sequential, prefix: str, report: PatchReport) -> None:
-    """Fuse each ``Conv2d [-> BatchNorm2d] -> ReLU [-> MaxPool2d(2, 2)]`` run of ``seq`` in place."""
-    children = list(seq._modules.items())
-    n = len(children)
-    i = 0
-    while i < n:
-        name, conv = children[i]
-        if type(conv) is not nn.Conv2d:
-            i += 1
-            continue
-        j = i + 1
-        # Any BatchNorm is taken as the run's BN slot so that an unsupported one (a subclass, SyncBatchNorm) is
-        # reported as skipped with its reason instead of silently ending the run.
-        is_bn = j < n and isinstance(children[j][1], nn.modules.batchnorm._BatchNorm)
-        bn_name, bn = children[j] if is_bn else (None, None)
-        if bn is not None:
-            j += 1
-        if j >= n or type(children[j][1]) is not nn.ReLU:
-            i += 1
-            continue
-        relu_name, relu = children[j]
-        where = f"{prefix}{name}"
-        kind = "Conv2d+BatchNorm2d+ReLU" if bn is not None else "Conv2d+ReLU"
-        reason = unsupported_reason(conv)
-        if reason is None and bn is not None:
-            reason = bn_unsupported_reason(conv, bn)
-        if reason is None and (_has_hooks(conv) or _has_hooks(relu)):
-            reason = "a hook is registered on the conv or its ReLU"
-        if reason is None and bn is not None and _has_hooks(bn):
-            reason = "a hook is registered on the BatchNorm2d"
-        if reason is not None:
-            report.skipped.append(f"{where} ({kind}): {reason}")
-            i = j + 1
-            continue
-        pool_name, pool = children[j + 1] if j + 1 < n else (None, None)
-        with_pool = pool is not None and _is_pool2x2(pool)
-        if bn is None:
-            cls = ConvReLUPool2d if with_pool else ConvReLU2d
-            seq._modules[name] = cls.from_conv(conv)
-            note = ""
-        else:
-            cls = ConvBNReLUPool2d if with_pool else ConvBNReLU2d
-            # The BN object stays in its slot (keys and Parameter objects unchanged) with an identity forward.
-            seq._modules[name] = cls.from_conv_bn(conv, bn)
-            note = " (folded BatchNorm on the fly in eval mode; stock unfused math in training mode)"
-        seq._modules[relu_name] = nn.Identity()
-        if with_pool:
-            seq._modules[pool_name] = nn.Identity()
-        report.replaced.append(f"{where}: {kind}{'+MaxPool2d' if with_pool else ''} -> {cls.__name__}{note}")
-        i = j + 2 if with_pool else j + 1
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -172,8 +90,9 @@ def patch(
     """Swap supported blocks of ``model`` for fused ptfast modules, in place; returns ``model``.
 
     Args:
-        model: any ``nn.Module``; VGG-style ``nn.Sequential`` stacks inside it are patched, and so are Hugging
-            Face BERT masked-LM models (see the module docstring).
+        model: any ``nn.Module``; CNN conv chains inside it are patched (VGG, ResNet, written as Sequentials,
+            attribute-style or functional forwards), and so are Hugging Face BERT masked-LM models (see the module
+            docstring).
         conv: set False to leave convolution blocks alone.
         attention: Hugging Face models: switch ``attn_implementation`` ``"eager"`` / ``"sdpa"`` to ``"ptfast"``
             (the same attention function, so the same results; ``output_attentions=True`` is then refused, and
@@ -195,9 +114,7 @@ def patch(
     """
     report = PatchReport()
     if conv:
-        for prefix, module in list(model.named_modules()):
-            if isinstance(module, nn.Sequential):
-                _patch_sequential(module, f"{prefix}." if prefix else "", report)
+        patch_convs(model, report.replaced, report.skipped)
     if attention:
         from ptfast.integrations import torch_transformer
 

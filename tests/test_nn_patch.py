@@ -57,7 +57,9 @@ def test_modules_are_conv2d_with_same_state_dict():
 
 def test_module_refuses_unsupported_conv():
     with pytest.raises(ValueError, match="stride"):
-        ptfast.nn.ConvReLU2d(3, 5, 3, stride=2)
+        ptfast.nn.ConvReLU2d(3, 5, 3, stride=3)
+    with pytest.raises(ValueError, match="stride"):
+        ptfast.nn.ConvReLUPool2d(3, 5, 3, stride=2)
     with pytest.raises(ValueError, match="groups"):
         ptfast.nn.ConvReLU2d(4, 4, 3, groups=2)
     same = ptfast.nn.ConvReLU2d(3, 5, 3, padding="same")

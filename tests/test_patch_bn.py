@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import ptfast
-from ptfast.nn.conv import BatchNorm2dInFusedConv, ConvBNReLU2d, ConvBNReLUPool2d
+from ptfast.nn.conv import BatchNorm2dInFusedConv, ConvBN2d, ConvBNReLU2d, ConvBNReLUPool2d
 from ptfast.testing import record_dispatch
 from tests.helpers import assert_ran
 
@@ -215,17 +215,25 @@ def test_copies_keep_conv_and_bn_linked(how):
 
 @pytest.mark.parametrize("slot", [0, 1, 2])
 def test_hooked_conv_bn_or_relu_is_not_fused(slot):
+    """A hooked conv or BN keeps the whole run stock; a hooked ReLU keeps the ReLU module (its hook sees the same
+    values), while conv + BN before it are still folded into one ConvBN2d."""
     stock, _ = pair()
     model = copy.deepcopy(stock)
-    seen = []
-    model.features[slot].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    seen, seen_stock = [], []
+    model.features[slot].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    stock.features[slot].register_forward_hook(lambda m, i, o: seen_stock.append(o.detach().clone()))
     ptfast.patch(model)
-    assert [type(model.features[k]) for k in (0, 1, 2)] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    conv_type = ConvBN2d if slot == 2 else nn.Conv2d
+    assert [type(model.features[k]) for k in (0, 2)] == [conv_type, nn.ReLU]
+    assert type(model.features[1]) is (BatchNorm2dInFusedConv if slot == 2 else nn.BatchNorm2d)
     assert type(model.features[3]) is ConvBNReLUPool2d  # the other runs are still fused
-    assert any("features.0" in s and "hook" in s for s in model.ptfast_patch_report.skipped)
+    lines = model.ptfast_patch_report.skipped + model.ptfast_patch_report.replaced
+    assert any(s.startswith("features.0") and "hook" in s for s in lines), lines
     stock.eval(), model.eval()
     assert_same_step(model, stock, torch.randn(1, 3, 8, 8, dtype=torch.float64))
-    assert seen
+    assert seen and len(seen) == len(seen_stock)
+    for ours, theirs in zip(seen, seen_stock, strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_hooked_pool_is_kept_and_the_rest_fused():

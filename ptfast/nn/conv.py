@@ -1,8 +1,9 @@
 """Fused conv modules: drop-in subclasses of ``nn.Conv2d`` (same parameters, same state_dict keys).
 
-They accept only what the fused op supports: stride 1, dilation 1, one group, zero padding that is the same on
-every side. ``from_conv`` builds one that shares an existing conv's parameters (optimizer state and tied
-references keep working).
+They accept only what the fused op supports: stride 1 (stride 1 or 2 without pooling), dilation 1, one group, zero
+padding that is the same on every side. ``from_conv`` builds one that shares an existing conv's parameters
+(optimizer state and tied references keep working). :class:`ConvBN2d` (a conv followed by a BatchNorm and no
+ReLU, like ResNet's ``downsample``) takes any convolution: it only folds the BatchNorm.
 
 ``ConvBNReLU2d`` / ``ConvBNReLUPool2d`` (built by ``ptfast.patch`` for torchvision's ``vgg*_bn``) also compute
 the ``BatchNorm2d`` that follows the conv. Design, chosen so that checkpoints, optimizers and hooks keep working:
@@ -24,6 +25,7 @@ the ``BatchNorm2d`` that follows the conv. Design, chosen so that checkpoints, o
 
 from __future__ import annotations
 
+import weakref
 from typing import TypeVar
 
 import torch
@@ -35,22 +37,29 @@ import ptfast
 _T = TypeVar("_T", bound="_FusedConv2d")
 
 
-def unsupported_reason(conv: nn.Conv2d) -> str | None:
-    """Why ``conv`` cannot be fused (``None`` if it can)."""
-    if conv.stride != (1, 1):
-        return f"stride {conv.stride} (only stride 1 is fused)"
+def unsupported_reason(conv: nn.Conv2d, pool: bool = False) -> str | None:
+    """Why ``conv`` cannot be fused with its ReLU (and, with ``pool``, a 2x2 max-pool); ``None`` if it can."""
+    if conv.stride not in ((1, 1), (2, 2)):
+        return f"stride {_pair_text(conv.stride)} unsupported (1 or 2)"
+    if pool and conv.stride != (1, 1):
+        return f"stride {_pair_text(conv.stride)} before a 2x2 max-pool unsupported (stride 1 only)"
     if conv.dilation != (1, 1):
         return f"dilation {conv.dilation}"
     if conv.groups != 1:
         return f"groups={conv.groups}"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}"
-    if _symmetric_padding(conv) is None:
+    if symmetric_padding(conv) is None:
         return f"padding {conv.padding!r} is not the same on every side"
     return None
 
 
-def _symmetric_padding(conv: nn.Conv2d) -> int | None:
+def _pair_text(v: tuple[int, int]) -> str:
+    return str(v[0]) if v[0] == v[1] else str(v)
+
+
+def symmetric_padding(conv: nn.Conv2d) -> int | None:
+    """The conv's zero padding as one int when it is the same on every side, else None."""
     pad = conv.padding
     if pad == "valid":
         return 0
@@ -61,12 +70,14 @@ def _symmetric_padding(conv: nn.Conv2d) -> int | None:
 
 
 class _FusedConv2d(nn.Conv2d):
+    _pool: bool = False
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._check()
 
     def _check(self) -> None:
-        reason = unsupported_reason(self)
+        reason = unsupported_reason(self, self._pool)
         if reason is not None:
             raise ValueError(f"{type(self).__name__} cannot fuse this convolution: {reason}")
 
@@ -87,18 +98,20 @@ class _FusedConv2d(nn.Conv2d):
 
     @property
     def fused_padding(self) -> int:
-        return _symmetric_padding(self)  # type: ignore[return-value]
+        return symmetric_padding(self)  # type: ignore[return-value]
 
 
 class ConvReLU2d(_FusedConv2d):
-    """``relu(conv(x))`` in one fused op. Input ``(N, Cin, H, W)`` NCHW or channels_last."""
+    """``relu(conv(x))`` in one fused op (stride 1 or 2). Input ``(N, Cin, H, W)`` NCHW or channels_last."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return ptfast.conv_relu(x, self.weight, self.bias, padding=self.fused_padding)
+        return ptfast.conv_relu(x, self.weight, self.bias, stride=self.stride[0], padding=self.fused_padding)
 
 
 class ConvReLUPool2d(_FusedConv2d):
     """``max_pool2d(relu(conv(x)), 2, 2)`` in one fused op; odd sizes floor like ``nn.MaxPool2d(2, 2)``."""
+
+    _pool = True
 
     def forward(self, x: Tensor) -> Tensor:
         return ptfast.conv_relu_pool(x, self.weight, self.bias, padding=self.fused_padding)
@@ -131,6 +144,45 @@ def fold_batch_norm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> 
     return new_weight, new_bias.to(weight.dtype)
 
 
+class _FoldCache:
+    """The last folded (weight, bias) of one BatchNorm, valid while the same tensors keep the same versions."""
+
+    def __init__(self, tensors: tuple[Tensor | None, ...], eps: float, folded: tuple[Tensor, Tensor]) -> None:
+        self.refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
+        self.versions = tuple(t._version if t is not None else None for t in tensors)
+        self.eps, self.folded = eps, folded
+
+    def matches(self, tensors: tuple[Tensor | None, ...], eps: float) -> bool:
+        if eps != self.eps:
+            return False
+        for t, ref, version in zip(tensors, self.refs, self.versions, strict=True):
+            if (t is None) != (ref is None) or (t is not None and (ref() is not t or t._version != version)):
+                return False
+        return True
+
+
+_fold_caches: weakref.WeakKeyDictionary[nn.Module, _FoldCache] = weakref.WeakKeyDictionary()
+
+
+def folded_weights(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """:func:`fold_batch_norm`, computed once and reused while no gradient is asked of it and none of the tensors
+    it reads changed (same objects, same version counters: an optimizer step, ``load_state_dict`` or ``.to()``
+    invalidates it). A frozen backbone otherwise re-reads every conv weight on every forward, which costs more
+    than the BatchNorm it replaces at small batch sizes. Never cached under ``torch.compile`` (it traces the fold)."""
+    tensors = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad or torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
+        return fold_batch_norm(weight, bias, bn)
+    cache = _fold_caches.get(bn)
+    if cache is not None and cache.matches(tensors, bn.eps):
+        return cache.folded
+    # Ordinary tensors even inside inference_mode: a later call with an input that needs grad may save them.
+    with torch.inference_mode(False), torch.no_grad():
+        folded = fold_batch_norm(weight, bias, bn)
+    _fold_caches[bn] = _FoldCache(tensors, bn.eps, folded)
+    return folded
+
+
 class BatchNorm2dInFusedConv(nn.BatchNorm2d):
     """A ``BatchNorm2d`` whose normalization is computed by the fused conv before it; its own forward passes
     its input through. Same parameters, buffers and state_dict keys as the ``BatchNorm2d`` it was
@@ -144,8 +196,14 @@ class BatchNorm2dInFusedConv(nn.BatchNorm2d):
         return super().extra_repr() + ", computed by the preceding fused conv"
 
 
+def uses_running_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn``'s next forward normalizes with its running statistics (and so can be folded into the conv):
+    the rule of ``nn.BatchNorm2d.forward`` (batch statistics in training mode or without running stats)."""
+    return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
 class _FusedConvBN2d(_FusedConv2d):
-    _pool: bool = False
+    _relu: bool = True
 
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError(f"build {type(self).__name__} with {type(self).__name__}.from_conv_bn(conv, bn)")
@@ -172,22 +230,37 @@ class _FusedConvBN2d(_FusedConv2d):
 
     def uses_folded_bn(self) -> bool:
         """Whether the next forward folds the BatchNorm (stock would use its running statistics) and fuses."""
-        bn = self.bn
-        # Same rule as nn.BatchNorm2d.forward: batch statistics in training mode or without running stats.
-        return not bn.training and bn.running_mean is not None and bn.running_var is not None
+        return uses_running_stats(self.bn)
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.bn
         if self.uses_folded_bn():
-            weight, bias = fold_batch_norm(self.weight, self.bias, bn)
-            op = ptfast.conv_relu_pool if self._pool else ptfast.conv_relu
-            return op(x, weight, bias, padding=self.fused_padding)
+            weight, bias = folded_weights(self.weight, self.bias, bn)
+            if not self._relu:
+                return self._conv_forward(x, weight, bias)
+            if self._pool:
+                return ptfast.conv_relu_pool(x, weight, bias, padding=self.fused_padding)
+            return ptfast.conv_relu(x, weight, bias, stride=self.stride[0], padding=self.fused_padding)
         # Batch statistics cannot be folded: stock math, with the class's forward (the instance's is the identity).
-        y = torch.relu(nn.BatchNorm2d.forward(bn, self._conv_forward(x, self.weight, self.bias)))
+        y = nn.BatchNorm2d.forward(bn, self._conv_forward(x, self.weight, self.bias))
+        if not self._relu:
+            return y
+        y = torch.relu(y)
         return F.max_pool2d(y, 2, 2) if self._pool else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", with BatchNorm2d (folded in eval mode)"
+
+
+class ConvBN2d(_FusedConvBN2d):
+    """``bn(conv(x))`` with no ReLU (ResNet's ``downsample``, a Bottleneck's last conv before its residual add):
+    the BatchNorm folded into the conv's weight and bias when it uses running statistics, else stock math. Any
+    convolution (stride, groups, dilation) qualifies: folding does not depend on its geometry."""
+
+    _relu = False
+
+    def _check(self) -> None:
+        pass  # F.conv2d runs the folded convolution, whatever its settings
 
 
 class ConvBNReLU2d(_FusedConvBN2d):

@@ -1,0 +1,220 @@
+"""Blocks whose forward is a pure dataflow (submodule calls, adds, ReLUs, 2x2 max-pools), run with their conv chains
+fused: ResNet's ``BasicBlock`` / ``Bottleneck`` and any block written the same way.
+
+A block's conv chains cannot be fused by swapping modules alone: its ReLU module is called twice (after the first
+conv and after the residual add) and the residual add is code in its forward. ``ptfast.patch`` therefore reads
+the block's forward with torch.fx (every submodule a leaf, in training and in eval mode, which must agree), turns
+the graph into a :class:`Plan` (a list of :class:`Step`) and switches the *instance's* class to a subclass of its
+own class (:func:`fused_class`) whose forward runs the plan: the same operations in the same order, except that
+each fusable chain ``conv -> [BatchNorm] -> [+ residual] -> ReLU [-> 2x2 max-pool]`` (or ``conv -> BatchNorm``
+alone) is one :class:`Chain` step. Parameters, buffers, submodules, state_dict keys, hooks on the block,
+``isinstance`` and the class's own methods stay as they were.
+
+A chain step runs fused when stock PyTorch would not use batch statistics (eval mode or no BatchNorm): the
+BatchNorm is folded into the conv's weight and bias on the fly (:func:`ptfast.nn.conv.folded_weights`) and
+one ``ptfast.conv_relu(..., residual=...)`` (or ``conv_relu_pool``, or ``F.conv2d`` for a conv+BN chain)
+computes it. Otherwise (BatchNorm in training mode), or whenever the fused op would not compute what stock does
+(a hook put on one of the chain's modules after patching, a residual of another shape or dtype, a conv whose
+settings changed), the chain's own stock steps run unchanged. A call with other arguments than one tensor runs
+the class's stock forward.
+
+Plans are plain data (strings, ints, functions referenced by name), so patched blocks deep-copy and pickle
+(``torch.save(model)``; loading needs ptfast importable).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import ptfast
+from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
+
+# An argument of a step: ("slot", i) reads the value computed by the step that wrote slot i (slot 0: the input),
+# ("const", v) is a constant from the traced code.
+Arg = tuple[str, Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of the block's forward, writing slot ``out``.
+
+    ``kind``: ``"module"`` (``target``: a submodule path), ``"function"`` (``target``: the function),
+    ``"method"`` (``target``: the tensor method's name) or ``"chain"`` (``target``: a :class:`Chain`).
+    """
+
+    kind: str
+    target: Any
+    args: tuple[Arg, ...]
+    kwargs: tuple[tuple[str, Arg], ...]
+    out: int
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A fusable chain: ``conv -> [bn] -> [+ residual] -> [relu] -> [2x2 max-pool]``.
+
+    ``args`` of its step: (the conv's input, the residual or ``("const", None)``). ``residual_inplace``: the
+    stock code adds in place into the chain's value (``out += identity``, which keeps that value's dtype) or
+    not (``out + identity``, which promotes). ``watched``: the submodule paths whose calls the fused path skips
+    (hooks on them send the chain to its ``stock`` steps, which write the same slots the chain replaces).
+    """
+
+    conv: str
+    bn: str | None
+    relu: bool
+    pool: bool
+    residual_inplace: bool | None
+    watched: tuple[str, ...]
+    stock: tuple[Step, ...]
+
+    def describe(self) -> str:
+        parts = [self.conv] + ([self.bn] if self.bn else [])
+        parts += ["add(residual)"] if self.residual_inplace is not None else []
+        parts += ["relu"] if self.relu else []
+        parts += ["max_pool2x2"] if self.pool else []
+        return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    slots: int
+    output: int
+
+    def chains(self) -> list[Chain]:
+        return [s.target for s in self.steps if s.kind == "chain"]
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _value(arg: Arg, slots: list) -> Any:
+    return slots[arg[1]] if arg[0] == "slot" else arg[1]
+
+
+def _run_step(block: nn.Module, step: Step, slots: list) -> Any:
+    args = [_value(a, slots) for a in step.args]
+    kwargs = {k: _value(a, slots) for k, a in step.kwargs}
+    if step.kind == "module":
+        return block.get_submodule(step.target)(*args, **kwargs)
+    if step.kind == "function":
+        return step.target(*args, **kwargs)
+    if step.kind == "method":
+        return getattr(args[0], step.target)(*args[1:], **kwargs)
+    return _run_chain(block, step.target, args[0], args[1], slots)
+
+
+def run_plan(block: nn.Module, plan: Plan, x: Tensor) -> Any:
+    slots: list = [None] * plan.slots
+    slots[0] = x
+    for step in plan.steps:
+        slots[step.out] = _run_step(block, step, slots)
+    return slots[plan.output]
+
+
+def _fused_weights(block: nn.Module, chain: Chain, x: Any, residual: Any) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) to run ``chain`` fused with, or None when its stock steps must run instead."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        return None
+    if any(_has_hooks(block.get_submodule(path)) for path in chain.watched):
+        return None
+    conv = block.get_submodule(chain.conv)
+    if not isinstance(conv, nn.Conv2d) or (chain.relu and unsupported_reason(conv, chain.pool) is not None):
+        return None
+    bn = block.get_submodule(chain.bn) if chain.bn else None
+    if bn is not None and not uses_running_stats(bn):
+        return None  # batch statistics: stock math
+    weight, bias = (conv.weight, conv.bias) if bn is None else folded_weights(conv.weight, conv.bias, bn)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and weight.dtype != x.dtype:
+        return None  # stock conv2d refuses mixed dtypes: let it say so
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.device != x.device:
+            return None
+        cout, _, kh, kw = weight.shape
+        s, p = conv.stride[0], symmetric_padding(conv)
+        expected = (x.shape[0], cout, (x.shape[2] + 2 * p - kh) // s + 1, (x.shape[3] + 2 * p - kw) // s + 1)
+        if tuple(residual.shape) != expected:
+            return None  # stock would broadcast (or fail): keep its behaviour
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if residual.dtype != dtype and not chain.residual_inplace:
+            return None  # `out + identity` promotes to another dtype than the fused op's
+    return weight, bias
+
+
+def _run_chain(block: nn.Module, chain: Chain, x: Any, residual: Any, slots: list) -> Any:
+    fused = _fused_weights(block, chain, x, residual)
+    if fused is None:
+        for step in chain.stock:
+            slots[step.out] = _run_step(block, step, slots)
+        return slots[chain.stock[-1].out]
+    weight, bias = fused
+    conv = block.get_submodule(chain.conv)
+    if not chain.relu:
+        return conv._conv_forward(x, weight, bias)
+    padding = symmetric_padding(conv)
+    if chain.pool:
+        return ptfast.conv_relu_pool(x, weight, bias, padding=padding)
+    if residual is not None and residual.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        residual = residual.to(x.dtype)  # `out += identity` rounds identity into out's dtype as well
+    return ptfast.conv_relu(x, weight, bias, stride=conv.stride[0], padding=padding, residual=residual)
+
+
+class FusedBlockMixin:
+    """The forward of a block whose instance class was switched by ``ptfast.patch`` (see the module docstring)."""
+
+    _ptfast_base: type[nn.Module]
+    _ptfast_plan: Plan
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or kwargs:
+            return self._ptfast_base.forward(self, *args, **kwargs)
+        return run_plan(self, self._ptfast_plan, args[0])
+
+    def extra_repr(self) -> str:
+        base = self._ptfast_base.extra_repr(self)
+        fused = ", ".join(c.describe() for c in self._ptfast_plan.chains())
+        return f"{base}, ptfast fused: {fused}" if base else f"ptfast fused: {fused}"
+
+    def __reduce_ex__(self, protocol: int):
+        return (_rebuild, (self._ptfast_base,), self.__dict__)
+
+
+_classes: dict[type, type] = {}
+_lock = threading.Lock()
+
+
+def fused_class(base: type[nn.Module]) -> type[nn.Module]:
+    """The subclass of ``base`` whose forward runs the instance's plan (one class per base, made once)."""
+    with _lock:
+        cls = _classes.get(base)
+        if cls is None:
+            name = f"Fused{base.__name__}"
+            cls = type(name, (FusedBlockMixin, base), {"_ptfast_base": base, "__module__": base.__module__})
+            _classes[base] = cls
+        return cls
+
+
+def _rebuild(base: type[nn.Module]) -> nn.Module:
+    block = base.__new__(base)
+    block.__class__ = fused_class(base)
+    return block
+
+
+def switch_to_fused(block: nn.Module, plan: Plan) -> None:
+    """Make ``block`` run ``plan``: its class becomes :func:`fused_class` of its class; nothing else changes."""
+    object.__setattr__(block, "_ptfast_plan", plan)
+    block.__class__ = fused_class(type(block))
+
+
+def is_fused_block(module: nn.Module) -> bool:
+    return isinstance(module, FusedBlockMixin)
+
+
+__all__ = ["Chain", "FusedBlockMixin", "Plan", "Step", "fused_class", "is_fused_block", "run_plan", "switch_to_fused"]
