@@ -107,6 +107,8 @@ class OpSpec:
     items_label: str = "items"
     #: Shown in the report's method section: what one timed step of this op does, when not the generic text.
     step_doc: str = ""
+    #: Extra entries for the results' metadata (e.g. which implementation of a model was built), shown in the report.
+    metadata: Callable[[Options], dict[str, Any]] | None = None
 
 
 def make_step(forward: Callable[[], Any], leaves: Sequence[Tensor], mode: str, grad: Tensor | None) -> Step:

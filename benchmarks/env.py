@@ -95,6 +95,8 @@ def collect(device: torch.device, argv: list[str]) -> dict[str, Any]:
         "cut_cross_entropy": _version("cut-cross-entropy") or _version("cut_cross_entropy"),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("PTFAST_", "TORCHINDUCTOR_", "CUDA_VISIBLE"))},
         "torch_threads": torch.get_num_threads(),
+        # How busy the machine was when the run started (1, 5, 15 minutes): CPU timings on a shared machine vary.
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

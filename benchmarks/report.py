@@ -67,6 +67,15 @@ def markdown(result: dict[str, Any]) -> str:
         + f" · dtype {result['options']['dtype']}"
     )
     lines.append(f"Command: `{meta.get('command')}`")
+    if meta.get("model"):
+        lines.append(f"Model: {meta['model']}")
+    if result["options"]["device"].startswith("cpu"):
+        lines += [
+            "",
+            f"**CPU run** ({meta.get('cpu_count')} logical CPUs, {meta.get('torch_threads')} torch threads, load "
+            f"average {meta.get('load_average')} at the start): ptfast runs its `torch` backend (plain PyTorch) "
+            "here, so these timings are no performance claim for ptfast's GPU kernels.",
+        ]
     lines.append("")
     lines.append(
         f"Baseline for the speed-up column: **{result['baseline']}** (speed-up = baseline median / "
@@ -145,6 +154,20 @@ def markdown(result: dict[str, Any]) -> str:
             + "; ".join(sorted({f"{r['provider']} ({_reason(r['graph_timing'])})" for r in graph_skips})),
             "",
         ]
+    ran = [
+        r for r in result["results"] if r["status"] == "ok" and "dispatch" in r and r["provider"].startswith("ptfast")
+    ]
+    if ran:
+        lines += ["## ptfast ops that ran", "", "In each ptfast provider's untimed first call "
+                  "(`ptfast.testing.record_dispatch`: op:backend:phase[:algorithm]).", ""]  # fmt: skip
+        seen: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
+        for r in ran:
+            seen[(r["provider"], tuple(r["dispatch"]))].append(f"{r['case']} [{r['mode']}]")
+        for (prov, dispatch), where in seen.items():
+            ops = ", ".join(f"`{d}`" for d in dispatch) or "none (no ptfast op was called)"
+            w = ", ".join(where) if len(where) <= 4 else f"{len(where)} case/mode pairs"
+            lines.append(f"- **{prov}** ({w}): {ops}")
+        lines.append("")
     lines += ["## Providers", ""]
     for p in result["providers"]:
         lines.append(f"- **{p['name']}** ({p['kind']}): {p['description']}")

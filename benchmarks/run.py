@@ -82,7 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         nargs="+",
         default=list(DEFAULT_MODES),
         choices=list(MODES),
-        help="modes of the per-op specs; training-step ops (bert_mlm_step, vgg16_train_step) always run their "
+        help="modes of the per-op specs; training-step ops (bert_mlm_step, vgg16_train_step, resnet50_frozen_step, "
+        "resnet18_train_step) always run their "
         f"own mode {TRAIN_MODE!r}",
     )
     ap.add_argument("--cuda-graphs", action="store_true", help="also time small shapes under CUDA-graph replay")
@@ -426,7 +427,7 @@ def run_op(
         "best_of": {k: list(v) for k, v in spec.best_of.items()},
         "notes": spec.notes,
         "case_doc": spec.case_doc,
-        "metadata": meta,
+        "metadata": {**meta, **(spec.metadata(opts) if spec.metadata else {})},
         "options": {
             "device": str(opts.device),
             "dtype": str(opts.dtype).replace("torch.", ""),

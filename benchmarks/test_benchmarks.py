@@ -35,6 +35,10 @@ CASES: list[tuple[str, str, int, str]] = [
     ("conv_relu", "eager", 1, "fwd"),
     ("conv_relu_pool", "ptfast[auto]", 0, "fwd+bwd"),
     ("conv_relu_pool", "eager", 0, "fwd+bwd"),
+    ("resnet50_frozen_step", "ptfast", 0, "train"),
+    ("resnet50_frozen_step", "eager", 0, "train"),
+    ("resnet18_train_step", "ptfast", 0, "train"),
+    ("resnet18_train_step", "eager", 0, "train"),
 ]
 
 

@@ -24,7 +24,8 @@
 # `timeout`, so one command stays inside the workplace's 10-minute limit; run the phases as separate commands.
 # Extra bench args go to benchmarks.run (e.g. --op attention, --cuda-graphs, --full); when they name --op,
 # --all is not added. Tunables: PTFAST_CMD_BUDGET (575 s for the whole command), PTFAST_INSTALL_TIMEOUT,
-# PTFAST_TESTS_TIMEOUT, PTFAST_BENCH_TIMEOUT, PTFAST_BENCH_REPORT_MARGIN, PTFAST_REINSTALL=1, PYTHON, OUT.
+# PTFAST_TESTS_TIMEOUT, PTFAST_BENCH_TIMEOUT, PTFAST_BENCH_REPORT_MARGIN, PTFAST_SMOKE_TIMEOUT,
+# PTFAST_HEADLINE_TIMEOUT, PTFAST_FC_TAIL_RESERVE, PTFAST_REINSTALL=1, PYTHON, OUT.
 # Benchmark baselines (Liger-Kernel, cut-cross-entropy): wheels/*.whl, fetched here by
 # scripts/fetch_bench_wheels.sh and carried with carry: ["wheels"], are installed by every phase with
 # pip --no-deps --no-index (appended to install.log; a failure is logged, never fatal).
@@ -38,7 +39,7 @@ PHASE="${1:-all}"
 [[ $# -gt 0 ]] && shift
 case "$PHASE" in
   first-contact|tests-slice|setup|tests|bench|convergence|all) ;;
-  -h|--help|help) sed -n '2,26p' "$0"; exit 0 ;;
+  -h|--help|help) sed -n '2,28p' "$0"; exit 0 ;;
   *) echo "usage: bash scripts/gpu_run.sh [first-contact|tests-slice NAME|setup|tests|bench|convergence|all] [args]" >&2
      exit 2 ;;
 esac
@@ -61,8 +62,9 @@ BENCH_TIMEOUT="${PTFAST_BENCH_TIMEOUT:-540}"
 BENCH_REPORT_MARGIN="${PTFAST_BENCH_REPORT_MARGIN:-45}"
 
 WORST=0
-left() {  # left WANTED: seconds a phase may use (WANTED, or what remains of CMD_BUDGET minus packing time)
-  local rest=$(( CMD_BUDGET - SECONDS - 15 ))
+left() {  # left WANTED [RESERVE]: seconds a phase may use (WANTED, or what remains of CMD_BUDGET minus packing
+          # time and RESERVE, the seconds kept for the phases after it)
+  local rest=$(( CMD_BUDGET - SECONDS - 15 - ${2:-0} ))
   (( rest < $1 )) && echo "$rest" || echo "$1"
 }
 note() { echo "[gpu_run $(date -u +%H:%M:%S)] $*" | tee -a "$LOGS/status.log"; }
@@ -186,8 +188,11 @@ gpu_visible() {
 }
 
 phase_first_contact() {
-  # Steps and budgets (seconds; the command must end inside CMD_BUDGET): smoke 160, headline ~255 (the sum of
-  # its invocations' --time-limit plus process start-up), record + summary + tier 40.
+  # Steps and budgets (seconds; the command must end inside CMD_BUDGET): smoke 160; headline up to 390 (the sum
+  # of its invocations' --time-limit, 305, plus process start-ups), never more than what is left of CMD_BUDGET
+  # after keeping TAIL_RESERVE for record + summary + tier (~40): the headline gets --budget, starts no
+  # invocation that would not fit, and cuts the last ones' --time-limit (the ResNet steps come last: they feed
+  # no record row).
   local dev=cuda jobs=8 fc="$WORK/first_contact" rc
   if ! gpu_visible; then
     dev=cpu; jobs=2
@@ -199,11 +204,17 @@ phase_first_contact() {
   timeout "$t" "$PY" -m benchmarks.first_contact smoke --device "$dev" --jobs "$jobs" --timeout 150 \
     --out "$fc/smoke.json" 2>&1 | tee "$LOGS/smoke.log"
   rc=${PIPESTATUS[0]}; record smoke "$rc"
-  t="$(left "${PTFAST_HEADLINE_TIMEOUT:-330}")"
-  note "first-contact: headline benchmarks (timeout ${t}s)"
-  timeout "$t" "$PY" -m benchmarks.first_contact headline --device "$dev" --out-dir "$fc/bench" 2>&1 \
-    | tee "$LOGS/headline.log"
-  rc=${PIPESTATUS[0]}; record headline "$rc"
+  local tail_reserve="${PTFAST_FC_TAIL_RESERVE:-60}"
+  t="$(left "${PTFAST_HEADLINE_TIMEOUT:-390}" "$tail_reserve")"
+  if (( t < 60 )); then
+    note "first-contact: headline not started, only ${t}s left (keeping ${tail_reserve}s for record, summary, tier)"
+    record headline 124
+  else
+    note "first-contact: headline benchmarks (timeout ${t}s, --budget $(( t - 10 ))s)"
+    timeout "$t" "$PY" -m benchmarks.first_contact headline --device "$dev" --out-dir "$fc/bench" \
+      --budget "$(( t - 10 ))" 2>&1 | tee "$LOGS/headline.log"
+    rc=${PIPESTATUS[0]}; record headline "$rc"
+  fi
   local package=() name=verified.json
   # On a GPU a failure is a finding (recorded, summarized); in the rehearsal it means the script is broken.
   if [[ "$dev" == cuda ]]; then package=(--package); else package=(--strict); name=verified.rehearsal.json; fi

@@ -48,7 +48,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
-    assert set(results["stages"]) == {"pretrain", "classify", "cnn"}
+    assert set(results["stages"]) == {"pretrain", "classify", "cnn", "vgg_attr", "resnet"}
     for key, stage in results["stages"].items():
         assert stage["parity_loss_diffs"], key
         assert stage["parity_max_abs_diff"] < 1e-4, (key, stage["parity_loss_diffs"])
@@ -62,7 +62,36 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "n/a on CPU" in report and "no performance claim" in report
     assert "parity ok" in proc.stdout
+    _check_cnn_seed_stages(results["stages"], report)
     assert elapsed < 90, f"smoke run took {elapsed:.0f} s (budget 90 s on 2 cores)"
+
+
+def _check_cnn_seed_stages(stages: dict, report: str) -> None:
+    """The hand-written VGG and the ResNet stages: fused chains in the patch report, BatchNorm folded only where
+    the backbone is in eval mode (frozen phase), stock BatchNorm math in train mode."""
+    vgg = stages["vgg_attr"]
+    assert [line.split(":")[0] for line in vgg["patch_report"]] == [f"conv{i}" for i in range(1, 6)]
+    assert all("ConvReLUPool2d" in line for line in vgg["patch_report"]), vgg["patch_report"]
+    ran = {(op, kind) for op, _, kind, _ in vgg["dispatch"]["ptfast"]}
+    assert ("conv_relu_pool", "forward") in ran and ("conv_relu_pool", "backward") in ran
+
+    resnet = stages["resnet"]
+    lines = resnet["patch_report"]
+    assert any(line.startswith("conv1: Conv2d+BatchNorm2d+ReLU -> ConvBNReLU2d") for line in lines), lines
+    blocks = [line for line in lines if "(BasicBlock): fused block:" in line]
+    assert len(blocks) == 4 and all("conv_relu(residual)" in line for line in blocks), lines
+    assert sum("downsample.0: Conv2d+BatchNorm2d -> ConvBN2d" in line for line in lines) == 3, lines
+    assert not any(line.startswith("kept:") for line in lines), lines
+    assert resnet["checks"] == {"bn_folded_in_frozen_phase": True, "stock_bn_math_in_train_mode": True}
+    phases = resnet["phase_dispatch"]
+    for label in ("frozen backbone (parity)", "frozen backbone"):
+        ops = {(op, kind) for op, _, kind, _ in phases[label]}
+        assert ops == {("conv_relu", "forward")}, (label, phases[label])  # folded BN, no backward: frozen
+    for label in ("pretrain 0-4 (parity)", "unfrozen (parity)", "pretrain 0-4", "unfrozen"):
+        assert not phases.get(label), (label, phases[label])  # train mode: stock BatchNorm math, no ptfast op
+    section = report.split("## 5. ResNet", 1)[1]
+    assert "BatchNorm folded into the convolutions" in section and "uses_folded_bn() = True" in section
+    assert "fused block: conv1+bn1+relu -> conv_relu" in section
 
 
 def _vocab_digest(vocab: list[str]) -> str:
@@ -166,3 +195,15 @@ def test_tour_still_runs(capsys) -> None:
 
     assert demo.main(["--tour", "--device", "cpu", "--backend", "torch", "--steps", "2"]) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+def test_stage_selection_and_step_overrides() -> None:
+    from ptfast.demo import workflow as W
+
+    assert W.resolve_stages(None) == list(W.STAGE_TITLES)
+    assert W.resolve_stages(["classify"]) == ["pretrain", "classify"]  # classify fine-tunes pretrain's encoder
+    assert W.resolve_stages(["resnet", "vgg_attr"]) == ["vgg_attr", "resnet"]
+    steps = W.resolve_steps(W.build_parser().parse_args(["--smoke", "--cnn-steps", "5"]), "tiny")
+    assert steps[:3] == W.SMOKE_STEPS[:3] and steps[3:] == (5,) * 7
+    for size in W.SIZES.values():
+        assert len(size["steps"]) == len(W.SMOKE_STEPS) == 10

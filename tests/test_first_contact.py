@@ -126,14 +126,17 @@ def test_headline_classes_have_smoke_families(tmp_path: Path) -> None:
     ]
     for key in expected:
         assert key in families, key
-    ops = {inv.op for inv in headline.plan(cpu=False)}
-    assert {"attention", "masked_lm_loss", "conv_relu_pool", "conv_relu", "bert_mlm_step", "vgg16_train_step"} == ops
+    ops = [inv.op for inv in headline.plan(cpu=False)]
+    assert ops == ["attention", "masked_lm_loss", "conv_relu_pool", "conv_relu", "bert_mlm_step", "vgg16_train_step",
+                   "resnet50_frozen_step", "resnet18_train_step"]  # fmt: skip
+    assert [inv.op for inv in headline.plan(cpu=True)] == ops
     # every invocation names cases and providers its spec really has (a typo would silently measure nothing)
     from benchmarks.common import Options
     from benchmarks.ops import load
 
     for cpu in (False, True):
-        opts = Options(device=torch.device("cpu"), quick=cpu)
+        # The GPU plan names the CUDA shapes (a device object only: nothing runs on it).
+        opts = Options(device=torch.device("cpu" if cpu else "cuda"), quick=cpu)
         for inv in headline.plan(cpu):
             spec = load(inv.op)
             cases = {c.name for c in spec.cases(opts)}
@@ -156,3 +159,19 @@ def test_durations_from_junit() -> None:
     assert tier.slice_args("conv-bf16")[0] == "tests/test_gpu_conv_backends.py"
     with pytest.raises(KeyError, match="no GPU test slice"):
         tier.slice_args("nope")
+
+
+def test_headline_budget() -> None:
+    """The headline gets a budget (what the first-contact command has left): invocations run in plan order, the
+    last ones get their --time-limit cut, and one that would not get half of its share is not started."""
+    plan = headline.plan(cpu=False)
+    # PTFAST_HEADLINE_TIMEOUT's default (scripts/gpu_run.sh) holds every --time-limit plus ~10 s of start-up each.
+    assert sum(inv.seconds for inv in plan) + 10 * len(plan) <= 390
+    inv = plan[-1]
+    assert headline.limits(inv, None) == (inv.seconds, inv.seconds + 90.0)
+    assert headline.limits(inv, 1000.0) == (inv.seconds, inv.seconds + 90.0)
+    cut = headline.limits(inv, headline.START_UP_S + inv.seconds * 0.75)
+    assert cut is not None and inv.seconds / 2 <= cut[0] < inv.seconds and cut[1] < inv.seconds + 90
+    assert headline.limits(inv, headline.START_UP_S + inv.seconds / 2 - 1) is None
+    cmd = headline.command(inv, cpu=False, out_dir=Path("/tmp/x"), python="python", seconds=7)
+    assert cmd[cmd.index("--time-limit") + 1] == "7"

@@ -2,7 +2,7 @@
 
     smoke     --device D --out smoke.json [--jobs N] [--timeout S]   every family, each in its own process
     smoke-one NAME --device D --out row.json                          one family, in this process
-    headline  --device D --out-dir DIR                                the headline benchmarks (benchmarks.run)
+    headline  --device D --out-dir DIR [--budget S]                   the headline benchmarks (benchmarks.run)
     record    --device D --smoke smoke.json --results DIR --out F [--package]   the verification record
     tier      [--results-dir DIR] [--check]                           the GPU test tier in slices, in order
     summary   --device D --smoke smoke.json --results DIR --record F --out first_contact.md
@@ -51,18 +51,31 @@ def cmd_headline(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     worst = 0
+    deadline = time.monotonic() + args.budget if args.budget else None
     for inv in headline.plan(cpu):
-        cmd = headline.command(inv, cpu=cpu, out_dir=out_dir, python=sys.executable)
+        budget_left = None if deadline is None else deadline - time.monotonic()
+        lim = headline.limits(inv, budget_left)
+        if lim is None:
+            _log(
+                f"[headline] {inv.op}: not started, {budget_left:.0f} s of the headline budget left "
+                f"(--budget {args.budget:.0f}; it needs half of its {inv.seconds} s + {headline.START_UP_S} s)"
+            )
+            worst = worst or 124
+            continue
+        seconds, timeout = lim
+        cmd = headline.command(inv, cpu=cpu, out_dir=out_dir, python=sys.executable, seconds=seconds)
         env = dict(os.environ)
         if inv.unverified:
             env["PTFAST_ALLOW_UNVERIFIED"] = "1"
-        if cpu:
+        if cpu and inv.interpreter:
             env["TRITON_INTERPRET"] = "1"
+        elif cpu:
+            env.pop("TRITON_INTERPRET", None)
         _log(f"[headline] {' '.join(cmd)}" + ("  (PTFAST_ALLOW_UNVERIFIED=1)" if inv.unverified else ""))
         start = time.monotonic()
         try:
             # The runner stops starting measurements at --time-limit and then writes its reports.
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=inv.seconds + 90).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = 124
         _log(f"[headline] {inv.op}: exit {rc} after {time.monotonic() - start:.0f} s")
@@ -197,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("headline")
     p.add_argument("--device", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all invocations: each gets at most what is left; one that would not fit is "
+                   "not started (exit 124). Default: each its own --time-limit")  # fmt: skip
     p = sub.add_parser("record")
     p.add_argument("--device", required=True)
     p.add_argument("--smoke", required=True)

@@ -11,11 +11,18 @@ output and gradients (``--check-backends``). On a GPU (bf16, the default shapes)
   Hugging Face head and a gathered PyTorch head;
 * three VGG-16 conv layers (conv1_2 and conv3_3 with the 2x2 pool, conv4_2 without) against cuDNN eager;
 * a BERT-base masked-LM training step, stock (sdpa) vs ``ptfast.patch`` vs ``ptfast.patch(unpad=True)``;
-* a VGG-16 training step, eager vs ``ptfast.patch`` on the triton and cuda backends.
+* a VGG-16 training step, eager vs ``ptfast.patch`` on the triton and cuda backends;
+* a frozen ResNet-50 backbone (eval mode, BatchNorm folded by the patch) with a new trainable ``fc``: one step,
+  eager vs ``ptfast.patch`` on the triton and cuda backends;
+* a ResNet-18 training step (train mode: BatchNorm on batch statistics, so the patched blocks run stock math),
+  eager vs ``ptfast.patch`` (auto): what patching costs or saves where it cannot fuse.
+
+The ResNet invocations come last: they feed no record row, so a run short of time loses them first.
 
 The patched models run under ``PTFAST_ALLOW_UNVERIFIED=1``: with no record yet, ``auto`` would run the torch
 backend and the step would measure nothing new. A CPU rehearsal runs the same invocations with ``--quick`` shapes,
-fp16 and the Triton interpreter (its timings are no performance claim and never reach the package's record).
+fp16 and the Triton interpreter (the ResNet steps without it, on the torch backend); its timings are no performance
+claim and never reach the package's record.
 
 :func:`bench_rows` turns the op benchmarks' JSON into the record's rows: per shape class and backend, the speed-up
 over the torch backend in the same run (median of forward+backward, with a p20-p80 spread) and whether the check
@@ -42,6 +49,7 @@ class Invocation:
     seconds: int  # its share of the headline budget (--time-limit; a killed run keeps its partial JSON)
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     unverified: bool = False  # run with PTFAST_ALLOW_UNVERIFIED=1 (patched models under auto)
+    interpreter: bool = True  # the CPU rehearsal runs it under TRITON_INTERPRET=1 (else: no Triton on the CPU)
     extra: tuple[str, ...] = field(default=())
 
 
@@ -58,6 +66,12 @@ def plan(cpu: bool) -> list[Invocation]:
     # The rehearsal skips what cannot run on a CPU anyway (the cuda backend) and what only repeats a path.
     bert_providers = ("hf[sdpa]", "ptfast[unpad]") if cpu else ("hf[sdpa]", "ptfast", "ptfast[unpad]")
     vgg_providers = ("eager", "ptfast[triton]") if cpu else ("eager", "ptfast[triton]", "ptfast[cuda]")
+    # ResNet-50's ~50 fused convs under the Triton interpreter take half a minute (measured: 34 s for the
+    # invocation): the rehearsal runs the patched ResNets without the interpreter, where auto picks the torch
+    # backend. That proves the invocations, not the kernels (the smoke and interpreter tests cover those).
+    frozen_case = ("resnet50/8 frozen-backbone @32 b2",) if cpu else ("resnet50 frozen-backbone @224 b64",)
+    frozen_providers = ("eager", "ptfast") if cpu else ("eager", "ptfast[triton]", "ptfast[cuda]")
+    train_case = ("resnet18/8 @32 b2",) if cpu else ("resnet18 @224 b64",)
     return [
         Invocation("attention", attention, CHECKED[:2] + CHECKED[3:] + sdpa, 75),
         Invocation("masked_lm_loss", mlm, ("ptfast[torch]", "ptfast[triton]", "hf-all-tokens", "gathered"), 35),
@@ -65,12 +79,31 @@ def plan(cpu: bool) -> list[Invocation]:
         Invocation("conv_relu", conv_layers, conv_providers, 25),
         Invocation("bert_mlm_step", bert_case, bert_providers, 45, ("train",), True),
         Invocation("vgg16_train_step", vgg_case, vgg_providers, 35, ("train",), True),
+        Invocation("resnet50_frozen_step", frozen_case, frozen_providers, 30, ("train",), True, interpreter=False),
+        Invocation("resnet18_train_step", train_case, ("eager", "ptfast"), 20, ("train",), True, interpreter=False),
     ]
 
 
-def command(inv: Invocation, *, cpu: bool, out_dir: Path, python: str) -> list[str]:
+#: Seconds an invocation needs beyond its --time-limit: process start (imports, device init), the measurement
+#: running when the limit passes, the reports. With less headline budget left than this, it is not started.
+START_UP_S = 25
+
+
+def limits(inv: Invocation, budget_left: float | None) -> tuple[int, float] | None:
+    """(--time-limit, process timeout) for ``inv`` with ``budget_left`` seconds of the headline budget left (None:
+    no budget); None when not even half its share fits (it should not start at all)."""
+    limit, timeout = inv.seconds, inv.seconds + 90.0
+    if budget_left is None:
+        return limit, timeout
+    if budget_left < START_UP_S + inv.seconds / 2:
+        return None
+    return min(limit, int(budget_left - START_UP_S)), min(timeout, budget_left)
+
+
+def command(inv: Invocation, *, cpu: bool, out_dir: Path, python: str, seconds: int | None = None) -> list[str]:
+    seconds = inv.seconds if seconds is None else seconds
     args = [python, "-m", "benchmarks.run", "--op", inv.op, "--cases", *inv.cases, "--providers", *inv.providers,
-            "--out", str(out_dir), "--time-limit", str(inv.seconds), "--check-backends", "--no-compile"]  # fmt: skip
+            "--out", str(out_dir), "--time-limit", str(seconds), "--check-backends", "--no-compile"]  # fmt: skip
     if inv.modes != ("train",):
         args += ["--modes", *inv.modes]
     args += ["--device", "cpu", "--quick", "--dtype", "fp16", "--no-plot", "--one-rep"] if cpu else ["--device", "cuda"]

@@ -15,6 +15,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "vgg16_features": ("benchmarks.ops.vgg", "spec"),
     "bert_mlm_step": ("benchmarks.ops.bert_step", "spec"),
     "vgg16_train_step": ("benchmarks.ops.vgg_step", "spec"),
+    "resnet50_frozen_step": ("benchmarks.ops.resnet_step", "spec_frozen"),
+    "resnet18_train_step": ("benchmarks.ops.resnet_step", "spec_train"),
 }
 
 

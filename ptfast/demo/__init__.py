@@ -1,9 +1,13 @@
-"""``python -m ptfast.demo``: the classic pretrain-then-fine-tune workflow, stock PyTorch and ptfast side by side.
+"""``python -m ptfast.demo``: the classic pretrain-then-fine-tune workflows, stock PyTorch and ptfast side by side.
 
 1. masked-LM pretraining of a small Hugging Face BERT on the docstrings of Python's standard library (a WordPiece
    vocabulary learned on them, variable-length padded batches, 15% masking);
 2. fine-tuning the pretrained encoder to tell which stdlib module a docstring comes from;
-3. a VGG-style CNN on scikit-learn's digits: pretrained on half the classes, fine-tuned frozen then unfrozen.
+3. a VGG in torchvision's layout on scikit-learn's digits: pretrained on half the classes, fine-tuned frozen then
+   unfrozen;
+4. a hand-written VGG (one attribute per conv / ReLU / pool layer) trained from scratch on the digits;
+5. a ResNet in torchvision's layout on the digits: pretrained on half the classes, then a new ``fc`` with the
+   backbone frozen in ``eval()`` (the patched twin folds every BatchNorm into its conv), then unfrozen in ``train()``.
 
 Each stage trains a stock model and a ``ptfast.patch``-ed deep copy on the same batches: a parity phase with
 dropout off (losses match step by step), then training with dropout on (loss curves compared), with step time,

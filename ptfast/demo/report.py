@@ -37,6 +37,14 @@ class RunInfo:
 # --- numbers ----------------------------------------------------------------------------------------------
 
 
+def steps_text(steps: tuple[int, ...]) -> str:
+    """The step counts of a run (``workflow.SIZES``' ``steps`` order), in words."""
+    return (
+        f"parity {steps[0]} per phase, masked-LM {steps[1]}, classification {steps[2]}, "
+        f"VGG {steps[3]}+{steps[4]}+{steps[5]}, hand-written VGG {steps[6]}, ResNet {steps[7]}+{steps[8]}+{steps[9]}"
+    )
+
+
 def parity_tol(env: Env) -> float:
     return CUDA_PARITY_TOL if env.cuda else CPU_PARITY_TOL
 
@@ -153,9 +161,9 @@ def print_stage(stage: Stage, env: Env) -> None:
     )
     st = curve_stats(stage.main)
     print(
-        f"  training ({len(stage.main.losses['stock'])} steps, dropout on): final loss stock {st['final stock']:.4f}"
-        f" / ptfast {st['final ptfast']:.4f} (mean of last {tail(stage.main)}); smoothed curves max gap "
-        f"{st['smoothed max gap']:.4f} (moving average of {st['span']:.0f} steps)"
+        f"  training ({len(stage.main.losses['stock'])} steps, {stage.main_note}): final loss stock "
+        f"{st['final stock']:.4f} / ptfast {st['final ptfast']:.4f} (mean of last {tail(stage.main)}); "
+        f"smoothed curves max gap {st['smoothed max gap']:.4f} (moving average of {st['span']:.0f} steps)"
     )
     for metric, text in _metric_items(stage):
         print(f"  {metric} stock / ptfast: {text}")
@@ -201,59 +209,6 @@ def summary_table(stages: list[Stage], env: Env) -> str:
     return f"summary ({device}):\n" + "\n".join(lines)
 
 
-# --- plot -------------------------------------------------------------------------------------------------
-
-
-def plot(stages: list[Stage], path: Path, info: RunInfo) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    colors = {"stock": "tab:blue", "ptfast": "tab:orange"}
-    for ax, stage in zip(axes.flat, stages, strict=False):
-        phase = stage.main
-        span = window(phase)
-        for name in NAMES:
-            y = phase.losses[name]
-            ax.plot(y, color=colors[name], alpha=0.25, linewidth=0.8)
-            style = "-" if name == "stock" else "--"
-            ax.plot(smooth(phase, name, span), color=colors[name], linewidth=1.8, linestyle=style,
-                    label=f"{name} (moving average of {span})")  # fmt: skip
-        if stage.control_losses:
-            ax.plot(moving_average(stage.control_losses, span), color="grey", linewidth=1.2, linestyle=":",
-                    label=f"{stage.control_what} (moving average of {span})")  # fmt: skip
-        for start, label in phase.boundaries[1:]:
-            ax.axvline(start, color="grey", linestyle=":", linewidth=1)
-            ax.text(start, ax.get_ylim()[1], f" {label}", va="top", ha="left", rotation=90, fontsize=8, color="grey")
-        ax.set_title(stage.title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=8)
-    ax = axes.flat[3]
-    floor = 1e-12
-    for stage, marker, size in zip(stages, ("o", "s", "^"), (9, 6, 4), strict=False):
-        diffs = [
-            max(abs(a - b), floor)
-            for a, b in zip(stage.parity.losses["stock"], stage.parity.losses["ptfast"], strict=True)
-        ]
-        label = stage.key + (" (all 0)" if max(diffs, default=floor) <= floor else "")
-        ax.semilogy(range(len(diffs)), diffs, marker=marker, markersize=size, label=label)
-    ax.axhline(parity_tol(info.env), color="red", linestyle=":", linewidth=1, label="tolerance")
-    ax.set_title(f"parity phases (fp32, dropout 0): |loss stock - loss ptfast| (0 drawn at {floor:g})", fontsize=10)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    fig.suptitle(
-        f"ptfast demo: stock vs ptfast.patch | {info.env.device_name} | size {info.size_name} | {info.precision}",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 # --- markdown ---------------------------------------------------------------------------------------------
 
 
@@ -273,9 +228,8 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
         + (" without TF32" if env.cuda else ""),
         f"- ptfast {ptfast.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"requested ptfast backend: `{env.backend}`",
-        f"- size `{info.size_name}`; steps: parity {info.steps[0]} per phase, masked-LM {info.steps[1]}, "
-        f"classification {info.steps[2]}, CNN {info.steps[3]} + {info.steps[4]} + {info.steps[5]}; seed {env.seed}",
-        f"- text: {info.text_summary}",
+        f"- size `{info.size_name}`; steps: {steps_text(info.steps)}; seed {env.seed}",
+        *([f"- text: {info.text_summary}"] if info.text_summary else []),
         "",
     ]
     if not env.cuda:
@@ -319,7 +273,10 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
         "",
         "Parity phases: both twins start from the same weights, get the same batches and the same torch seed before "
         "each step, with every dropout at 0 in training mode (so the patched BERT takes its fused masked-LM path: "
-        f"head on the masked rows only, logits never formed); tolerance {tol:.0e}. Training phases: dropout on; "
+        f"head on the masked rows only, logits never formed); tolerance {tol:.0e}. Training phases: dropout on where "
+        "the model has dropout (BERT, the classifier of the torchvision-layout VGG; the hand-written VGG and the "
+        "ResNet have none, so their training phases differ from the parity phases only in length, learning-rate "
+        "schedule and, on CUDA, bf16 autocast); "
         "ptfast's attention dropout keeps or drops each element by a hash of a per-call seed and its position (not "
         "PyTorch's dropout stream), and every later random draw shifts with it, so the runs are compared as curves: "
         "the mean loss over the last steps and the largest gap between the smoothed curves (centered moving average "
@@ -332,10 +289,14 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
         diffs = [abs(a - b) for a, b in zip(s.parity.losses["stock"], s.parity.losses["ptfast"], strict=True)]
         lines += [
             f"- parity |Δloss| per step: {', '.join(f'{d:.1e}' for d in diffs)}",
-            "- `ptfast.patch` on the twin: " + ("; ".join(s.patch_report) if s.patch_report else "nothing replaced"),
+            "- `ptfast.patch` on the twin (`model.ptfast_patch_report`)"
+            + (f", {len(s.patch_report)} lines:" if s.patch_report else ": nothing replaced"),
+            *(f"  - {line}" for line in s.patch_report),
             "- ptfast ops that ran (`ptfast.testing.record_dispatch()`, op: phase backend x calls):",
         ]
         lines += [f"  - {line}" for line in dispatch_lines(s)]
+        if s.checks:
+            lines.append("- findings: " + "; ".join(f"{k}: {'yes' if v else '**no**'}" for k, v in s.checks.items()))
         lines.append("")
     lines += [
         "## How to read this",
@@ -393,6 +354,11 @@ def write_json(stages: list[Stage], path: Path, info: RunInfo) -> Path:
                 m: [[op, backend, kind, n] for (op, backend, kind), n in sorted(s.dispatch[m].items())] for m in NAMES
             },
             "patch_report": s.patch_report,
+            "phase_dispatch": {
+                label: [[op, backend, kind, n] for (op, backend, kind), n in sorted(c.items())]
+                for label, c in s.phase_dispatch.items()
+            },
+            "checks": s.checks,
         }
     path.write_text(json.dumps(out, indent=1))
     return path

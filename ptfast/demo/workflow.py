@@ -1,18 +1,22 @@
-"""The pretrain-then-fine-tune workflow, stock PyTorch and ``ptfast.patch`` side by side.
+"""The pretrain-then-fine-tune workflows, stock PyTorch and ``ptfast.patch`` side by side.
 
-Three stages, each with a stock model and a deep copy patched with ``ptfast.patch`` (same initial weights, same
+Five stages, each with a stock model and a deep copy patched with ``ptfast.patch`` (same initial weights, same
 batches in the same order, the same torch seed before each step):
 
 1. masked-LM pretraining of a small Hugging Face BERT on the docstrings of Python's standard library;
 2. fine-tuning that pretrained encoder (``BertForSequenceClassification``) to tell which module a docstring
    comes from;
-3. a VGG-style CNN on scikit-learn's digits: a backbone pretrained on digits 0-4, then a new 10-way head trained
-   with the backbone frozen, then everything unfrozen.
+3. a VGG in torchvision's layout on scikit-learn's digits: a backbone pretrained on digits 0-4, then a new
+   10-way head trained with the backbone frozen, then everything unfrozen;
+4. a hand-written VGG (one attribute per conv / ReLU / pool layer) trained from scratch on the digits;
+5. a ResNet in torchvision's layout on the digits: pretrained on digits 0-4, then a new ``fc`` with the backbone
+   frozen in ``eval()`` (BatchNorm folded into the convolutions by the patched twin), then unfrozen in ``train()``.
 
 Each stage first runs a short *parity phase* in fp32 with every dropout at 0 (training mode, so the patched
 BERT takes its fused masked-LM path), where the two loss sequences must agree step by step; then the real
 training with dropout on, where ptfast's attention dropout draws from its own generator, so the two runs are
-compared as curves. ``ptfast.testing.record_dispatch`` shows which ptfast ops and backends ran.
+compared as curves. ``ptfast.testing.record_dispatch`` shows which ptfast ops and backends ran. The CNN stages
+live in :mod:`ptfast.demo.cnn_stages`.
 """
 
 from __future__ import annotations
@@ -37,40 +41,49 @@ from torch import nn
 
 import ptfast
 from ptfast.demo import data as D
-from ptfast.demo import report
-from ptfast.demo.models import VGG, bert_config, set_dropout
+from ptfast.demo import plot, report
+from ptfast.demo.models import bert_config, set_dropout
 from ptfast.testing import record_dispatch
 
 NAMES = ("stock", "ptfast")
 
-# Model and batch sizes; steps are (parity, masked-LM, classification, CNN pretrain, CNN frozen, CNN unfrozen).
+# Model and batch sizes; steps are (parity, masked-LM, classification, CNN pretrain, CNN frozen, CNN unfrozen,
+# hand-written VGG, ResNet pretrain, ResNet frozen, ResNet unfrozen).
 SIZES: dict[str, dict] = {
     "tiny": dict(
         vocab=1000, hidden=64, layers=2, heads=2, intermediate=128, max_len=64, mlm_batch=8, cls_batch=8,
         mlm_lr=1e-3, cls_lr=5e-4,
         cnn=[8, 8, "M", 16, "M", 32, "M"], cnn_hidden=64, cnn_lr=(2e-3, 2e-3, 1e-3), image=32, cnn_batch=32,
-        steps=(2, 4, 4, 3, 2, 3),
+        vgg_widths=(8, 8, 16, 16, 16), vgg_hidden=32, vgg_lr=2e-3,
+        resnet_layers=(1, 1, 1, 1), resnet_width=8, resnet_lr=(0.05, 0.05, 0.01),
+        steps=(2, 4, 4, 3, 2, 3, 3, 2, 2, 2),
     ),
     "small": dict(
         vocab=4000, hidden=128, layers=2, heads=2, intermediate=256, max_len=128, mlm_batch=16, cls_batch=16,
         mlm_lr=1e-3, cls_lr=1e-3,
         cnn=[16, 16, "M", 32, 32, "M", 64, "M"], cnn_hidden=128, cnn_lr=(2e-3, 2e-3, 1e-3), image=32, cnn_batch=64,
-        steps=(6, 160, 100, 70, 30, 70),
+        vgg_widths=(8, 16, 16, 32, 32), vgg_hidden=64, vgg_lr=2e-3,
+        resnet_layers=(1, 1, 1, 1), resnet_width=16, resnet_lr=(0.05, 0.05, 0.01),
+        steps=(6, 160, 100, 70, 30, 70, 60, 40, 20, 30),
     ),
     "base": dict(
         vocab=8000, hidden=768, layers=12, heads=12, intermediate=3072, max_len=128, mlm_batch=64, cls_batch=32,
         mlm_lr=2e-4, cls_lr=5e-5,
         cnn=[64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], cnn_hidden=1024,
         cnn_lr=(5e-4, 1e-3, 2e-4), image=64, cnn_batch=128,
-        steps=(10, 400, 200, 150, 100, 150),
+        vgg_widths=(64, 128, 256, 512, 512), vgg_hidden=512, vgg_lr=1e-3,
+        resnet_layers=(2, 2, 2, 2), resnet_width=64, resnet_lr=(0.05, 0.05, 0.01),
+        steps=(10, 400, 200, 150, 100, 150, 150, 150, 100, 150),
     ),
 }  # fmt: skip
 STAGE_TITLES = {
     "pretrain": "1. masked-LM pretraining (BERT, stdlib docstrings)",
     "classify": "2. fine-tuning: which stdlib module is this docstring from?",
     "cnn": "3. VGG-style CNN: pretrain on digits 0-4, fine-tune on 0-9 (frozen, then unfrozen)",
+    "vgg_attr": "4. hand-written VGG (one attribute per layer): trained from scratch on digits 0-9",
+    "resnet": "5. ResNet (torchvision layout): pretrain on digits 0-4, new fc: backbone frozen (eval), then unfrozen",
 }
-SMOKE_STEPS = (2, 3, 3, 2, 2, 2)
+SMOKE_STEPS = (2, 3, 3, 2, 2, 2, 2, 2, 2, 2)
 
 
 # --- environment ------------------------------------------------------------------------------------------
@@ -156,6 +169,11 @@ class Stage:
     control_what: str = ""
     elapsed: float = 0.0
     details: list[str] = field(default_factory=list)
+    # ptfast ops of the patched twin per sub-phase label (train_side_by_side's label), and named yes/no findings
+    # a stage derives from them (e.g. the ResNet stage: was the BatchNorm folded in the frozen phase?).
+    phase_dispatch: dict[str, Counter] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
+    main_note: str = "dropout on"  # what the training phase differs from the parity phase by
 
 
 # --- side-by-side training --------------------------------------------------------------------------------
@@ -223,6 +241,8 @@ def train_side_by_side(
                 raise RuntimeError(f"{stage.key} {label}: {name} loss is {value} at step {i}")
             phase.losses[name].append(value)
             stage.dispatch[name].update((op, backend, kind) for op, backend, kind in events)
+            if name == "ptfast":
+                stage.phase_dispatch.setdefault(label, Counter()).update(events)
         bar.set_postfix(stock=f"{phase.losses['stock'][-1]:.4f}", ptfast=f"{phase.losses['ptfast'][-1]:.4f}")
         bar.update()
     bar.close()
@@ -468,89 +488,6 @@ def stage_finetune_text(env: Env, size: dict, steps: tuple[int, ...], text: Text
     return stage
 
 
-# --- stage 3: VGG-style CNN on digits ------------------------------------------------------------------------
-
-
-def stage_cnn(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
-    stage = Stage("cnn", STAGE_TITLES["cnn"])
-    parity_steps, pre_steps, frozen_steps, unfrozen_steps = steps[0], steps[3], steps[4], steps[5]
-    x_train, y_train, x_test, y_test = D.load_digits_images(size["image"], env.seed)
-    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    x_train = x_train.to(env.device).contiguous(memory_format=fmt)
-    x_test = x_test.to(env.device).contiguous(memory_format=fmt)
-    y_train, y_test = y_train.to(env.device), y_test.to(env.device)
-    half = (y_train < 5).nonzero().squeeze(1)
-    bs, lrs = size["cnn_batch"], size["cnn_lr"]
-
-    def batches(pool: torch.Tensor, n_steps: int, seed: int) -> list[torch.Tensor]:
-        return [
-            pool[torch.tensor(idx, device=pool.device)]
-            for idx in D.classification_batches(len(pool), bs, n_steps, seed)
-        ]
-
-    everything = torch.arange(len(y_train), device=env.device)
-    torch.manual_seed(env.seed + 3)
-    init = VGG(size["cnn"], num_classes=5, hidden=size["cnn_hidden"]).to(env.device, memory_format=fmt)
-    new_head = nn.Linear(init.classifier[-1].in_features, 10).to(env.device)
-    test_batches = [(x_test[i : i + 256], y_test[i : i + 256]) for i in range(0, len(y_test), 256)]
-    n_conv = sum(isinstance(m, nn.Conv2d) for m in init.features)
-    stage.details += [
-        f"VGG layout built in code: features {size['cnn']} ({n_conv} Conv2d 3x3 + ReLU, 'M' = MaxPool2d(2, 2)), "
-        f"avgpool (2, 2), classifier Linear-ReLU-Dropout(0.5) x2 + Linear; "
-        f"{sum(p.numel() for p in init.parameters()) / 1e6:.2f} M parameters",
-        f"data: scikit-learn digits (1,797 8x8 images) upscaled to {size['image']}x{size['image']}, split per class "
-        f"{len(y_train)} train / {len(y_test)} test; batch {bs}" + (", channels_last" if env.channels_last else ""),
-        f"schedule: {pre_steps} steps on digits 0-4 (5-way head, AdamW {lrs[0]}), new 10-way head, {frozen_steps} "
-        f"steps with the backbone frozen (head only, AdamW {lrs[1]}), {unfrozen_steps} steps unfrozen (AdamW {lrs[2]});"
-        " each with 10% warmup then linear decay",
-    ]
-
-    def run(phase: Phase, models: dict[str, nn.Module], counts: tuple[int, int, int], amp: bool, seed: int, tag: str):
-        sched = tag == ""
-        pre = batches(half, counts[0], env.seed + 10)
-        fine = batches(everything, counts[1] + counts[2], env.seed + 11)
-
-        def loss_on(pool):
-            return lambda model, i: F.cross_entropy(
-                model(x_train[pool[i]].contiguous(memory_format=fmt)), y_train[pool[i]]
-            )
-
-        train_side_by_side(
-            env, stage, phase, f"pretrain 0-4{tag}", models, _adamw(lrs[0]), counts[0], loss_on(pre), amp=amp,
-            seed=seed, schedule=sched,
-        )  # fmt: skip
-        for model in models.values():
-            model.classifier[-1] = copy.deepcopy(new_head)
-            model.features.requires_grad_(False)
-        train_side_by_side(
-            env, stage, phase, f"frozen backbone{tag}", models, _adamw(lrs[1]), counts[1], loss_on(fine), amp=amp,
-            seed=seed + 10_000, schedule=sched,
-        )  # fmt: skip
-        frozen_acc = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
-        for model in models.values():
-            model.features.requires_grad_(True)
-        shifted = fine[counts[1] :]
-        train_side_by_side(
-            env, stage, phase, f"unfrozen{tag}", models, _adamw(lrs[2]), counts[2], loss_on(shifted), amp=amp,
-            seed=seed + 20_000, schedule=sched,
-        )  # fmt: skip
-        return frozen_acc
-
-    parity_stock = copy.deepcopy(init)
-    set_dropout(parity_stock, 0.0)
-    with env.exact_fp32():
-        run(
-            stage.parity, _twins(env, parity_stock, stage), (parity_steps,) * 3, False, env.seed * 1000 + 2, " (parity)"
-        )
-    del parity_stock
-    models = _twins(env, init, stage, record=False)
-    frozen_acc = run(stage.main, models, (pre_steps, frozen_steps, unfrozen_steps), True, env.seed * 1000 + 700_000, "")
-    stage.metrics["test accuracy after the frozen phase"] = frozen_acc
-    stage.metrics["test accuracy"] = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
-    stage.baselines["test accuracy"] = ("chance", 0.1)
-    return stage
-
-
 # --- command line -----------------------------------------------------------------------------------------
 
 
@@ -563,7 +500,8 @@ def _finish(stage: Stage, env: Env, t0: float) -> Stage:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ptfast.demo",
-        description="Pretrain a small BERT with a masked-LM loss, fine-tune it, and fine-tune a VGG-style CNN: "
+        description="Pretrain a small BERT with a masked-LM loss and fine-tune it; fine-tune a VGG (torchvision "
+        "layout), train a hand-written VGG and fine-tune a ResNet (frozen, then unfrozen) on scikit-learn's digits: "
         "stock PyTorch and ptfast.patch side by side (parity check, loss curves, step time, memory, which ptfast "
         "backend ran). `python -m ptfast.demo --tour` runs the quick op-by-op tour instead.",
     )
@@ -574,7 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps of every stage (overrides the size's)")
     p.add_argument("--mlm-steps", type=int, default=None, help="masked-LM pretraining steps")
     p.add_argument("--cls-steps", type=int, default=None, help="classification fine-tuning steps")
-    p.add_argument("--cnn-steps", type=int, default=None, help="CNN steps of each of its three phases")
+    p.add_argument(
+        "--cnn-steps",
+        type=int,
+        default=None,
+        help="steps of every CNN phase (VGG and ResNet: pretrain, frozen, unfrozen; hand-written VGG)",
+    )
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=list(STAGE_TITLES),
+        default=None,
+        help="run only these stages (default: all; classify needs pretrain, which is then added)",
+    )
     p.add_argument("--parity-steps", type=int, default=None, help="steps of each parity phase (dropout off)")
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default=None,
                    help="ptfast backend (default: PTFAST_BACKEND or auto)")  # fmt: skip
@@ -590,18 +540,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_steps(args: argparse.Namespace, size_name: str) -> tuple[int, ...]:
-    parity, mlm, cls, pre, frozen, unfrozen = SMOKE_STEPS if args.smoke else SIZES[size_name]["steps"]
+    parity, mlm, cls, *cnn = SMOKE_STEPS if args.smoke else SIZES[size_name]["steps"]
     if args.steps is not None:
-        mlm = cls = pre = frozen = unfrozen = args.steps
+        mlm = cls = args.steps
+        cnn = [args.steps] * len(cnn)
     mlm = args.mlm_steps if args.mlm_steps is not None else mlm
     cls = args.cls_steps if args.cls_steps is not None else cls
     if args.cnn_steps is not None:
-        pre = frozen = unfrozen = args.cnn_steps
+        cnn = [args.cnn_steps] * len(cnn)
     parity = args.parity_steps if args.parity_steps is not None else parity
-    steps = (parity, mlm, cls, pre, frozen, unfrozen)
+    steps = (parity, mlm, cls, *cnn)
     if min(steps) < 1:
         raise SystemExit("python -m ptfast.demo: every step count must be at least 1")
     return steps
+
+
+def resolve_stages(chosen: list[str] | None) -> list[str]:
+    """The stages to run, in the demo's order (classify fine-tunes pretrain's encoder, so it brings pretrain)."""
+    wanted = set(chosen or STAGE_TITLES)
+    if "classify" in wanted:
+        wanted.add("pretrain")
+    return [k for k in STAGE_TITLES if k in wanted]
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -637,34 +596,44 @@ def run(argv: list[str] | None = None) -> int:
         else f"ptfast {ptfast.__version__} | torch {torch.__version__} | transformers {transformers.__version__} | "
         f"{env.device_name}"
     )
+    wanted = resolve_stages(args.stages)
     _say(
-        f"size {size_name} | steps: parity {steps[0]}, masked-LM {steps[1]}, classification {steps[2]}, "
-        f"CNN {steps[3]}+{steps[4]}+{steps[5]} | {precision} | ptfast backend {backend} | seed {args.seed}"
+        f"size {size_name} | steps: {report.steps_text(steps)} | {precision} | ptfast backend {backend} | "
+        f"seed {args.seed}"
     )
     if device.type == "cpu":
         _say("on CPU every ptfast op runs its `torch` backend (plain PyTorch): CPU timings are no performance claim")
     torch.manual_seed(args.seed)
     stages: list[Stage] = []
+    text = None
+    from ptfast.demo import cnn_stages
+
     with ptfast.use_backend(backend):
-        _say("\npreparing text: stdlib docstrings, WordPiece vocabulary, packed examples ...")
-        t0 = time.perf_counter()
-        text = prepare_text(size, args.seed)
-        _say(
-            f"  {len(text.docs)} docstrings from {len(D.CORPUS_MODULES) - len(text.missing)} modules"
-            + (f" (missing here: {', '.join(text.missing)})" if text.missing else "")
-            + f"; vocab {text.vocab_size}; {len(text.examples)} pretraining examples ({time.perf_counter() - t0:.1f} s)"
-        )
-        t0 = time.perf_counter()
-        _say(f"\n{STAGE_TITLES['pretrain']}")
-        stage, pretrained = stage_pretrain(env, size, steps, text)
-        stages.append(_finish(stage, env, t0))
-        t0 = time.perf_counter()
-        _say(f"\n{STAGE_TITLES['classify']}")
-        stages.append(_finish(stage_finetune_text(env, size, steps, text, pretrained), env, t0))
-        del pretrained
-        t0 = time.perf_counter()
-        _say(f"\n{STAGE_TITLES['cnn']}")
-        stages.append(_finish(stage_cnn(env, size, steps), env, t0))
+        if "pretrain" in wanted:
+            _say("\npreparing text: stdlib docstrings, WordPiece vocabulary, packed examples ...")
+            t0 = time.perf_counter()
+            text = prepare_text(size, args.seed)
+            _say(
+                f"  {len(text.docs)} docstrings from {len(D.CORPUS_MODULES) - len(text.missing)} modules"
+                + (f" (missing here: {', '.join(text.missing)})" if text.missing else "")
+                + f"; vocab {text.vocab_size}; {len(text.examples)} pretraining examples "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
+            t0 = time.perf_counter()
+            _say(f"\n{STAGE_TITLES['pretrain']}")
+            stage, pretrained = stage_pretrain(env, size, steps, text)
+            stages.append(_finish(stage, env, t0))
+            if "classify" in wanted:
+                t0 = time.perf_counter()
+                _say(f"\n{STAGE_TITLES['classify']}")
+                stages.append(_finish(stage_finetune_text(env, size, steps, text, pretrained), env, t0))
+            del pretrained
+        for key, fn in (("cnn", cnn_stages.stage_cnn), ("vgg_attr", cnn_stages.stage_vgg_attr),
+                        ("resnet", cnn_stages.stage_resnet)):  # fmt: skip
+            if key in wanted:
+                t0 = time.perf_counter()
+                _say(f"\n{STAGE_TITLES[key]}")
+                stages.append(_finish(fn(env, size, steps), env, t0))
     elapsed = time.perf_counter() - t_start
     try:
         import resource
@@ -686,9 +655,11 @@ def run(argv: list[str] | None = None) -> int:
             f"{len(text.docs)} docstrings from {len(D.CORPUS_MODULES) - len(text.missing)} standard-library modules"
             + (f" (missing from this Python: {', '.join(text.missing)})" if text.missing else "")
             + f", Python {platform.python_version()}; WordPiece vocabulary of {text.vocab_size}"
+            if text is not None
+            else ""
         ),
     )
-    png = report.plot(stages, out / "loss_curves.png", info)
+    png = plot.plot(stages, out / "loss_curves.png", info)
     md = report.write_markdown(stages, out / "report.md", info, png)
     report.write_json(stages, out / "results.json", info)
     _say("\n" + report.summary_table(stages, env))
