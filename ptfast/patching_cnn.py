@@ -42,7 +42,7 @@ from ptfast.nn.conv import (
     bn_unsupported_reason,
     unsupported_reason,
 )
-from ptfast.nn.fused_block import Chain, Plan, Step, is_fused_block, switch_to_fused
+from ptfast.nn.fused_block import FUNCTIONS, Chain, Plan, Step, is_fused_block, switch_to_fused
 
 FOLD_NOTE = " (folded BatchNorm on the fly in eval mode; stock unfused math in training mode)"
 
@@ -191,8 +191,12 @@ def _step(owner: nn.Module, node: fx.Node, slots: dict) -> Step:
     )
     if not ok:
         raise _NotABlock(f"{cnn_trace.describe(owner, node)} in the forward")
-    kind = "method" if node.op == "call_method" else "function"
-    return Step(kind, node.target, args, kwargs, slots[node])
+    if node.op == "call_method":
+        return Step("method", node.target, args, kwargs, slots[node])
+    name = next((k for k, fn in FUNCTIONS.items() if fn is node.target), None)
+    if name is None:
+        raise _NotABlock(f"{cnn_trace.describe(owner, node)} in the forward")
+    return Step("function", name, args, kwargs, slots[node])
 
 
 def _block_chain(ctx: _Context, owner: nn.Module, graph: fx.Graph, node: fx.Node):

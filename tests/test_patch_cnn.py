@@ -332,3 +332,29 @@ def test_folded_weights_follow_every_change_of_a_frozen_model():
     (dx,) = torch.autograd.grad(ours(probe).sum(), probe)
     (dx_stock,) = torch.autograd.grad(stock(probe).sum(), probe)
     torch.testing.assert_close(dx, dx_stock, rtol=1e-4, atol=1e-5)
+
+
+class _FunctionalStage(nn.Module):
+    """A submodule written with functional calls: module swaps cannot fuse it, a fused block can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_b = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.conv_a(x)), 2)
+        return torch.relu(self.conv_b(y) + y)
+
+
+def test_functional_submodule_becomes_a_fused_block_that_pickles():
+    torch.manual_seed(0)
+    stock = nn.Sequential(_FunctionalStage(), nn.Flatten()).double()
+    ours = ptfast.patch(copy.deepcopy(stock))
+    (line,) = ours.ptfast_patch_report.replaced
+    assert "conv_a+F.relu+F.max_pool2d -> conv_relu_pool" in line and "conv_relu(residual)" in line, line
+    x = _image(2, 11, 9)
+    for clone in (ours, pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        with record_dispatch() as events:
+            torch.testing.assert_close(clone(x), stock(x), **TOL)
+        assert {op for op, _, _ in events} == {"conv_relu", "conv_relu_pool"}

@@ -18,21 +18,37 @@ computes it. Otherwise (BatchNorm in training mode), or whenever the fused op wo
 settings changed), the chain's own stock steps run unchanged. A call with other arguments than one tensor runs
 the class's stock forward.
 
-Plans are plain data (strings, ints, functions referenced by name), so patched blocks deep-copy and pickle
-(``torch.save(model)``; loading needs ptfast importable).
+Plans are plain data (strings, ints, functions named by a key of :data:`FUNCTIONS`), so patched blocks deep-copy
+and pickle (``torch.save(model)``; loading needs ptfast importable).
 """
 
 from __future__ import annotations
 
+import operator
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ptfast
 from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
+
+# The functions a plan may call, by name: plans hold the name, so they pickle (F.max_pool2d itself does not).
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "F.relu": F.relu,
+    "F.relu_": F.relu_,
+    "torch.relu": torch.relu,
+    "torch.relu_": torch.relu_,
+    "F.max_pool2d": F.max_pool2d,
+    "torch.max_pool2d": torch.max_pool2d,
+    "operator.add": operator.add,
+    "operator.iadd": operator.iadd,
+    "torch.add": torch.add,
+}
 
 # An argument of a step: ("slot", i) reads the value computed by the step that wrote slot i (slot 0: the input),
 # ("const", v) is a constant from the traced code.
@@ -43,7 +59,7 @@ Arg = tuple[str, Any]
 class Step:
     """One operation of the block's forward, writing slot ``out``.
 
-    ``kind``: ``"module"`` (``target``: a submodule path), ``"function"`` (``target``: the function),
+    ``kind``: ``"module"`` (``target``: a submodule path), ``"function"`` (``target``: a key of :data:`FUNCTIONS`),
     ``"method"`` (``target``: the tensor method's name) or ``"chain"`` (``target``: a :class:`Chain`).
     """
 
@@ -104,7 +120,7 @@ def _run_step(block: nn.Module, step: Step, slots: list) -> Any:
     if step.kind == "module":
         return block.get_submodule(step.target)(*args, **kwargs)
     if step.kind == "function":
-        return step.target(*args, **kwargs)
+        return FUNCTIONS[step.target](*args, **kwargs)
     if step.kind == "method":
         return getattr(args[0], step.target)(*args[1:], **kwargs)
     return _run_chain(block, step.target, args[0], args[1], slots)
