@@ -15,7 +15,7 @@ The two ResNet workflows ptfast users bring (``../shared/seed_workflows.md``, wo
 Both: ``cross_entropy(model(x), y)`` under ``torch.autocast("cuda", bfloat16)`` (fp32 parameters; plain fp32 on
 CPU), SGD with momentum 0.9 and weight decay 5e-4 (``fused=True`` on CUDA), channels_last model and images, random
 labels. The model is ``torchvision.models.resnet50`` / ``resnet18`` (``weights=None``) when torchvision is
-importable, else :class:`benchmarks.ops.resnet_models.ResNet`, a copy of torchvision's layout (``conv1 bn1 relu
+importable, else :class:`ptfast.demo.models.ResNet`, the demo's copy of torchvision's layout (``conv1 bn1 relu
 maxpool layer1..layer4 avgpool fc``; blocks ``conv1 bn1 (relu) conv2 bn2 [conv3 bn3] relu downsample``, ``out +=
 identity`` before the last ReLU, torchvision's initialisation); which one ran is recorded in each case's ``model``
 parameter and in the results' metadata (``model``). ``--quick`` (and the CPU rehearsal) always use the copy with
@@ -36,12 +36,11 @@ only), ``fc`` x2 (forward + weight gradient); train: the stem conv x2 (no input 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import (
@@ -51,24 +50,20 @@ from benchmarks.common import (
     OpSpec,
     Options,
     Provider,
-    Skip,
-    Step,
-    TrainState,
-    dropout_free_loss,
     generator,
-    import_ptfast,
     initial_model,
-    require_compile,
     train_autocast,
-    train_check,
-    train_state,
-    train_step,
     training_op,
 )
-from benchmarks.ops.resnet_models import ARCHS, ResNet
+from benchmarks.ops import image_step
+from ptfast.demo.models import BasicBlock, Bottleneck, ResNet
 
-LOCAL = "benchmarks.ops.resnet_models.ResNet (torchvision's layout, built here: torchvision not importable)"
-LOCAL_QUICK = "benchmarks.ops.resnet_models.ResNet (torchvision's layout, built here, widths / 8)"
+LOCAL = "ptfast.demo.models.ResNet (torchvision's layout, built here: torchvision not importable)"
+LOCAL_QUICK = "ptfast.demo.models.ResNet (torchvision's layout, built here, widths / 8)"
+ARCHS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
 
 
 @functools.cache
@@ -96,7 +91,7 @@ def build(arch: str, width_divisor: int) -> nn.Module:
     if width_divisor == 1 and tv is not None:
         return getattr(tv, arch)(weights=None)
     block, layers = ARCHS[arch]
-    return ResNet(block, layers, width=64 // width_divisor)
+    return ResNet(layers, 1000, width=64 // width_divisor, block=block)
 
 
 # --- cases, FLOPs ---------------------------------------------------------------------------------------------------
@@ -130,7 +125,7 @@ def _layers(arch: str, n: int, hw: int, width_divisor: int, classes: int) -> tup
     """(kind, forward FLOPs) of every conv and linear layer in call order, from a forward on the meta device."""
     block, blocks = ARCHS[arch]
     with torch.device("meta"):
-        model = ResNet(block, blocks, num_classes=classes, width=64 // width_divisor)
+        model = ResNet(blocks, classes, width=64 // width_divisor, block=block)
         x = torch.empty(n, 3, hw, hw)
     out: list[tuple[str, float]] = []
 
@@ -204,65 +199,15 @@ def _make_inputs(op: str):
 
 
 def _providers(opts: Options) -> list[Provider]:
-    def provider(name: str, backend: str | None, compile_mode: str | None) -> Provider:
-        def build_step(case: Case, inp: Inputs, mode: str) -> Step:
-            if mode != TRAIN_MODE:
-                raise Skip(f"this op times whole training steps only (mode {TRAIN_MODE!r})")
-            if compile_mode is not None:
-                require_compile(opts)
-                if compile_mode == "max-autotune" and not opts.max_autotune:
-                    raise Skip("max-autotune is slow to compile: pass --max-autotune")
-            ptfast = import_ptfast() if backend is not None else None
+    def sgd(params: list[nn.Parameter], opts: Options) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, fused=opts.cuda or None)
 
-            def context() -> contextlib.ExitStack:
-                stack = contextlib.ExitStack()
-                stack.enter_context(train_autocast(opts))
-                if ptfast is not None:
-                    stack.enter_context(ptfast.use_backend(backend))
-                return stack
-
-            def make() -> TrainState:
-                model = copy.deepcopy(inp["model"])
-                if ptfast is not None:
-                    ptfast.patch(model)
-
-                def eager_loss(i: Inputs) -> Tensor:
-                    return F.cross_entropy(model(i["x"]), i["y"])
-
-                check = None if compile_mode else dropout_free_loss(model, eager_loss, inp, context)
-                fn = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
-
-                def loss(i: Inputs) -> Tensor:
-                    return F.cross_entropy(fn(i["x"]), i["y"])
-
-                trainable = [q for q in model.parameters() if q.requires_grad]
-                opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=5e-4, fused=opts.cuda or None)
-                return TrainState(model, loss, opt, check)
-
-            state = train_state((name, inp["token"]), make)
-            return train_step(state, inp, context)
-
-        if backend is not None:
-            desc = (
-                f"ptfast.patch(model) under use_backend({backend!r}): stem conv+BN+ReLU as a fused module, each "
-                "block's conv -> BN -> [+ residual] -> ReLU chains as ptfast.conv_relu with the BN folded in eval "
-                "mode (stock BN math in train mode), downsample conv+BN as ConvBN2d"
-            )
-        elif compile_mode is not None:
-            desc = f"torch.compile(model, mode={compile_mode!r}, dynamic=False) (compiled in the untimed first call)"
-        else:
-            desc = "the stock model, eager, cudnn.benchmark=True"
-        return Provider(name, "ptfast" if backend else "pytorch", desc + "; SGD momentum 0.9 (fused on CUDA)",
-                        build_step, canonical=train_check)  # fmt: skip
-
-    return [
-        provider("eager", None, None),
-        provider("ptfast", "auto", None),
-        provider("ptfast[triton]", "triton", None),
-        provider("ptfast[cuda]", "cuda", None),
-        provider("compile[default]", None, "default"),
-        provider("compile[max-autotune]", None, "max-autotune"),
-    ]
+    desc = (
+        "ptfast.patch(model) under use_backend({backend!r}): stem conv+BN+ReLU as a fused module, each "
+        "block's conv -> BN -> [+ residual] -> ReLU chains as ptfast.conv_relu with the BN folded in eval "
+        "mode (stock BN math in train mode), downsample conv+BN as ConvBN2d"
+    )
+    return image_step.providers(opts, desc, sgd, "SGD momentum 0.9 (fused on CUDA)")
 
 
 def _setup(opts: Options) -> contextlib.AbstractContextManager[None]:
@@ -288,13 +233,12 @@ CASE_DOC = (
 )
 
 
-def spec_frozen() -> OpSpec:
+def _spec(name: str, title: str, cases: Callable[[Options], list[Case]]) -> OpSpec:
     return OpSpec(
-        name="resnet50_frozen_step",
-        title="Frozen ResNet-50 backbone (eval mode) + new fc: one training step of the head (bf16 autocast on CUDA, "
-        "fp32 on CPU; channels_last): patched vs eager and torch.compile",
-        cases=_frozen_cases,
-        make_inputs=_make_inputs("resnet50_frozen_step"),
+        name=name,
+        title=title,
+        cases=cases,
+        make_inputs=_make_inputs(name),
         providers=_providers,
         flops=_flops,
         baseline="eager",
@@ -308,25 +252,19 @@ def spec_frozen() -> OpSpec:
         step_doc=STEP_DOC,
         metadata=_metadata,
     )
+
+
+def spec_frozen() -> OpSpec:
+    title = (
+        "Frozen ResNet-50 backbone (eval mode) + new fc: one training step of the head (bf16 autocast on CUDA, "
+        "fp32 on CPU; channels_last): patched vs eager and torch.compile"
+    )
+    return _spec("resnet50_frozen_step", title, _frozen_cases)
 
 
 def spec_train() -> OpSpec:
-    return OpSpec(
-        name="resnet18_train_step",
-        title="ResNet-18 full training step (train mode, SGD momentum, bf16 autocast on CUDA, fp32 on CPU; "
-        "channels_last): patched vs eager and torch.compile",
-        cases=_train_cases,
-        make_inputs=_make_inputs("resnet18_train_step"),
-        providers=_providers,
-        flops=_flops,
-        baseline="eager",
-        reference=("eager",),
-        setup=_setup,
-        metric="items",
-        items=_items,
-        items_label="images",
-        modes=(TRAIN_MODE,),
-        case_doc=CASE_DOC,
-        step_doc=STEP_DOC,
-        metadata=_metadata,
+    title = (
+        "ResNet-18 full training step (train mode, SGD momentum, bf16 autocast on CUDA, fp32 on CPU; "
+        "channels_last): patched vs eager and torch.compile"
     )
+    return _spec("resnet18_train_step", title, _train_cases)

@@ -32,11 +32,9 @@ compilation).
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import (
@@ -46,20 +44,12 @@ from benchmarks.common import (
     OpSpec,
     Options,
     Provider,
-    Skip,
-    Step,
-    TrainState,
-    dropout_free_loss,
     generator,
-    import_ptfast,
     initial_model,
-    require_compile,
     train_autocast,
-    train_check,
-    train_state,
-    train_step,
     training_op,
 )
+from benchmarks.ops import image_step
 from benchmarks.ops.vgg import vgg16_features
 
 NUM_CLASSES = 100
@@ -161,61 +151,11 @@ def _make_inputs(case: Case, opts: Options, seed: int) -> Inputs:
 
 
 def _providers(opts: Options) -> list[Provider]:
-    def provider(name: str, backend: str | None, compile_mode: str | None) -> Provider:
-        def build(case: Case, inp: Inputs, mode: str) -> Step:
-            if mode != TRAIN_MODE:
-                raise Skip(f"this op times whole training steps only (mode {TRAIN_MODE!r})")
-            if compile_mode is not None:
-                require_compile(opts)
-                if compile_mode == "max-autotune" and not opts.max_autotune:
-                    raise Skip("max-autotune is slow to compile: pass --max-autotune")
-            ptfast = import_ptfast() if backend is not None else None
+    def adamw(params: list[nn.Parameter], opts: Options) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=opts.cuda or None)
 
-            def context() -> contextlib.ExitStack:
-                stack = contextlib.ExitStack()
-                stack.enter_context(train_autocast(opts))
-                if ptfast is not None:
-                    stack.enter_context(ptfast.use_backend(backend))
-                return stack
-
-            def make() -> TrainState:
-                model = copy.deepcopy(inp["model"])
-                if ptfast is not None:
-                    ptfast.patch(model)
-
-                def eager_loss(i: Inputs) -> Tensor:
-                    return F.cross_entropy(model(i["x"]), i["y"])
-
-                check = None if compile_mode else dropout_free_loss(model, eager_loss, inp, context)
-                fn = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
-
-                def loss(i: Inputs) -> Tensor:
-                    return F.cross_entropy(fn(i["x"]), i["y"])
-
-                trainable = [q for q in model.parameters() if q.requires_grad]
-                opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, fused=opts.cuda or None)
-                return TrainState(model, loss, opt, check)
-
-            state = train_state((name, inp["token"]), make)
-            return train_step(state, inp, context)
-
-        if backend is not None:
-            desc = f"ptfast.patch(model) under use_backend({backend!r}): conv+bias+ReLU(+2x2 max-pool) fused"
-        elif compile_mode is not None:
-            desc = f"torch.compile(model, mode={compile_mode!r}, dynamic=False) (compiled in the untimed first call)"
-        else:
-            desc = "the stock model, eager, cudnn.benchmark=True"
-        return Provider(name, "ptfast" if backend else "pytorch", desc + "; AdamW (fused on CUDA)", build,
-                        canonical=train_check)  # fmt: skip
-
-    return [
-        provider("eager", None, None),
-        provider("ptfast", "auto", None),
-        provider("ptfast[triton]", "triton", None),
-        provider("ptfast[cuda]", "cuda", None),
-        provider("compile[default]", None, "default"),
-        provider("compile[max-autotune]", None, "max-autotune"),
-    ]
+    desc = "ptfast.patch(model) under use_backend({backend!r}): conv+bias+ReLU(+2x2 max-pool) fused"
+    return image_step.providers(opts, desc, adamw, "AdamW (fused on CUDA)")
 
 
 def _setup(opts: Options) -> contextlib.AbstractContextManager[None]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ptfast
+from ptfast.backends.torch.conv import conv_hw
 from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
 
 # The functions a plan may call, by name: plans hold the name, so they pickle (F.max_pool2d itself does not).
@@ -153,9 +154,11 @@ def _fused_weights(block: nn.Module, chain: Chain, x: Any, residual: Any) -> tup
     if residual is not None:
         if not isinstance(residual, Tensor) or residual.device != x.device:
             return None
-        cout, _, kh, kw = weight.shape
-        s, p = conv.stride[0], symmetric_padding(conv)
-        expected = (x.shape[0], cout, (x.shape[2] + 2 * p - kh) // s + 1, (x.shape[3] + 2 * p - kw) // s + 1)
+        expected = (
+            x.shape[0],
+            weight.shape[0],
+            *conv_hw(x.shape, weight.shape, conv.stride[0], symmetric_padding(conv)),
+        )
         if tuple(residual.shape) != expected:
             return None  # stock would broadcast (or fail): keep its behaviour
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype

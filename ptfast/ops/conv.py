@@ -32,10 +32,6 @@ def _op_name(pool: bool) -> str:
     return "conv_relu_pool" if pool else "conv_relu"
 
 
-def _conv_hw(x_shape, weight_shape, padding: int, stride: int = 1) -> tuple[int, int]:
-    return torch_conv.conv_hw(x_shape, weight_shape, stride, padding)
-
-
 def _fault_key(
     activation: Tensor, channels_last: bool, weight: Tensor, stride: int, padding: int, pool: bool, residual: bool
 ) -> tuple:
@@ -74,7 +70,7 @@ def _conv_relu_op(
 
 @_conv_relu_op.register_fake
 def _(x, weight, bias, residual, stride, padding, pool, need_argmax, backend):
-    hc, wc = _conv_hw(x.shape, weight.shape, padding, stride)
+    hc, wc = torch_conv.conv_hw(x.shape, weight.shape, stride, padding)
     shape = (x.shape[0], weight.shape[0], hc // 2, wc // 2) if pool else (x.shape[0], weight.shape[0], hc, wc)
     fmt = torch_conv.memory_format(x)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -196,7 +192,7 @@ def _validate(
             f"ptfast.{op}: input {tuple(x.shape[2:])} with padding {padding} is smaller than "
             f"the kernel {tuple(weight.shape[2:])}"
         )
-    hc, wc = _conv_hw(x.shape, weight.shape, padding, stride)
+    hc, wc = torch_conv.conv_hw(x.shape, weight.shape, stride, padding)
     if pool and (hc < 2 or wc < 2):
         raise ValueError(f"ptfast.{op}: conv output {hc}x{wc} is too small for 2x2 max-pooling")
     out_shape = (x.shape[0], weight.shape[0], hc, wc)

@@ -16,6 +16,7 @@ import triton
 from ptfast.backends import triton as triton_backend
 from ptfast.backends.torch import conv as torch_conv
 from ptfast.backends.triton import conv_config
+from ptfast.backends.triton.bias_relu import same_layout
 from ptfast.backends.triton.implicit_gemm_kernels import _conv_gemm_fwd, _conv_gemm_wgrad
 
 
@@ -113,7 +114,7 @@ def conv_bias_relu(
     bias = bias.contiguous() if bias is not None else None
     if residual is not None:  # read with out's strides: make the layouts agree (a no-op when they already do)
         residual = residual.contiguous(memory_format=fmt)
-        if any(size > 1 and a != b for size, a, b in zip(out.shape, out.stride(), residual.stride(), strict=True)):
+        if not same_layout(residual, out):
             residual = torch.empty_like(out).copy_(residual)
     _launch(x, w_mat, bias, out, argmax, (kh, kw), (padding, padding), True, pool, stride, residual)
     return out, argmax if argmax is not None else x.new_empty(0, dtype=torch.uint8)
