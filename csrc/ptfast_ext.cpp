@@ -26,7 +26,7 @@ int bias_relu_dtype(at::ScalarType t) {
     case at::kBFloat16:
       return ptfast::kBiasReluBFloat16;
     default:
-      TORCH_CHECK(false, "ptfast._C.bias_relu_: y must be float32, float16 or bfloat16, got ", t);
+      TORCH_CHECK(false, "ptfast._C.bias_relu: y must be float32, float16 or bfloat16, got ", t);
   }
   return -1;  // unreachable
 }
@@ -45,11 +45,12 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-// y <- max(y + bias[c] + residual, 0) in place; y is (N, C, H, W), contiguous in NCHW or channels_last; residual
-// (optional) has y's shape, dtype and layout.
-at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(y.is_cuda(), "ptfast._C.bias_relu_: y must be a CUDA tensor, got ", y.device());
-  TORCH_CHECK(y.dim() == 4, "ptfast._C.bias_relu_: y must be 4-D (N, C, H, W), got shape ", y.sizes());
+// out <- max(y + bias[c] + residual, 0); y is (N, C, H, W), contiguous in NCHW or channels_last; residual
+// (optional) has y's shape, dtype and layout; out is y itself (in place) or a new tensor laid out like y.
+at::Tensor bias_relu_into(const at::Tensor& y, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, bool inplace) {
+  TORCH_CHECK(y.is_cuda(), "ptfast._C.bias_relu: y must be a CUDA tensor, got ", y.device());
+  TORCH_CHECK(y.dim() == 4, "ptfast._C.bias_relu: y must be 4-D (N, C, H, W), got shape ", y.sizes());
   const int dtype = bias_relu_dtype(y.scalar_type());
   // A tensor that is contiguous both ways (C == 1 or H * W == 1) reads the same memory either way; prefer NCHW.
   int layout;
@@ -58,44 +59,55 @@ at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias, const
   } else if (y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     layout = ptfast::kBiasReluNHWC;
   } else {
-    TORCH_CHECK(false, "ptfast._C.bias_relu_: y must be contiguous in NCHW or channels_last, got strides ",
+    TORCH_CHECK(false, "ptfast._C.bias_relu: y must be contiguous in NCHW or channels_last, got strides ",
                 y.strides());
   }
   const int64_t c = y.size(1);
   const void* bias_ptr = nullptr;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.device() == y.device(), "ptfast._C.bias_relu_: bias is on ", b.device(), " but y is on ",
+    TORCH_CHECK(b.device() == y.device(), "ptfast._C.bias_relu: bias is on ", b.device(), " but y is on ",
                 y.device());
-    TORCH_CHECK(b.scalar_type() == y.scalar_type(), "ptfast._C.bias_relu_: bias has dtype ", b.scalar_type(),
+    TORCH_CHECK(b.scalar_type() == y.scalar_type(), "ptfast._C.bias_relu: bias has dtype ", b.scalar_type(),
                 " but y has ", y.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == c, "ptfast._C.bias_relu_: bias must have shape (", c,
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == c, "ptfast._C.bias_relu: bias must have shape (", c,
                 ",), got ", b.sizes());
-    TORCH_CHECK(b.is_contiguous(), "ptfast._C.bias_relu_: bias must be contiguous");
+    TORCH_CHECK(b.is_contiguous(), "ptfast._C.bias_relu: bias must be contiguous");
     bias_ptr = b.data_ptr();
   }
   const void* residual_ptr = nullptr;
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    TORCH_CHECK(r.device() == y.device(), "ptfast._C.bias_relu_: residual is on ", r.device(), " but y is on ",
+    TORCH_CHECK(r.device() == y.device(), "ptfast._C.bias_relu: residual is on ", r.device(), " but y is on ",
                 y.device());
-    TORCH_CHECK(r.scalar_type() == y.scalar_type(), "ptfast._C.bias_relu_: residual has dtype ", r.scalar_type(),
+    TORCH_CHECK(r.scalar_type() == y.scalar_type(), "ptfast._C.bias_relu: residual has dtype ", r.scalar_type(),
                 " but y has ", y.scalar_type());
-    TORCH_CHECK(r.sizes() == y.sizes(), "ptfast._C.bias_relu_: residual must have y's shape ", y.sizes(), ", got ",
+    TORCH_CHECK(r.sizes() == y.sizes(), "ptfast._C.bias_relu: residual must have y's shape ", y.sizes(), ", got ",
                 r.sizes());
-    TORCH_CHECK(same_layout(r, y), "ptfast._C.bias_relu_: residual must have y's strides ", y.strides(),
+    TORCH_CHECK(same_layout(r, y), "ptfast._C.bias_relu: residual must have y's strides ", y.strides(),
                 " (in every dim of size > 1), got ", r.strides());
     residual_ptr = r.data_ptr();
   }
+  const auto format = layout == ptfast::kBiasReluNHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = inplace ? y : at::empty_like(y, y.options(), format);
   if (y.numel() == 0) {
-    return y;
+    return out;
   }
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
-  const cudaError_t err = ptfast_bias_relu_inplace(y.data_ptr(), bias_ptr, residual_ptr, y.size(0), c,
-                                                   y.size(2) * y.size(3), layout, dtype, stream);
-  TORCH_CHECK(err == cudaSuccess, "ptfast._C.bias_relu_: kernel launch failed: ", cudaGetErrorString(err));
-  return y;
+  const cudaError_t err = ptfast_bias_relu(y.data_ptr(), out.data_ptr(), bias_ptr, residual_ptr, y.size(0), c,
+                                           y.size(2) * y.size(3), layout, dtype, stream);
+  TORCH_CHECK(err == cudaSuccess, "ptfast._C.bias_relu: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+at::Tensor bias_relu_(at::Tensor y, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  return bias_relu_into(y, bias, residual, /*inplace=*/true);
+}
+
+at::Tensor bias_relu(const at::Tensor& y, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual) {
+  return bias_relu_into(y, bias, residual, /*inplace=*/false);
 }
 
 // The layout of a 4-D tensor contiguous in NCHW or channels_last (NCHW when both hold: same memory).
@@ -185,6 +197,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptfast CUDA kernels (optional extension; see ptfast.backends.cuda)";
   m.def("bias_relu_", &bias_relu_,
         "In place y = relu(y + bias[c] + residual) for NCHW / channels_last CUDA tensors (residual: y's layout)",
+        pybind11::arg("y"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = pybind11::none());
+  m.def("bias_relu", &bias_relu,
+        "relu(y + bias[c] + residual) into a new tensor laid out like y (NCHW / channels_last CUDA tensors)",
         pybind11::arg("y"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = pybind11::none());
   m.def("bias_relu_pool", &bias_relu_pool,
         "(out, argmax) = fused bias + ReLU + 2x2 max-pool (+ uint8 argmax) of a conv output, NCHW or channels_last",

@@ -1,4 +1,5 @@
-"""ptfast: fused attention, masked-LM loss and conv+bias+ReLU(+pool) for BERT- and VGG-style training.
+"""ptfast: fused attention, masked-LM loss, conv+bias+ReLU(+pool) and add+ReLU for BERT-, VGG- and ResNet-style
+training.
 
 ``import ptfast`` never initializes CUDA and never imports triton, transformers or torchvision.
 """
@@ -11,6 +12,7 @@ from ptfast._dispatch import (
     requested_backend,
     use_backend,
 )
+from ptfast.ops.add_relu import add_relu
 from ptfast.ops.attention import attention, attention_varlen
 from ptfast.ops.conv import conv_relu, conv_relu_pool
 from ptfast.ops.masked_lm_loss import masked_lm_loss
@@ -22,6 +24,7 @@ __all__ = [
     "BackendNotSupportedError",
     "FallbackWarning",
     "KernelFault",
+    "add_relu",
     "attention",
     "attention_varlen",
     "conv_relu",

@@ -25,6 +25,7 @@ OP_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("ptfast.ops.attention_varlen", "_IMPLS"),
     ),
     "masked_lm_loss": (("ptfast.ops.masked_lm_loss", "_IMPLS"),),
+    "add_relu": (("ptfast.ops.add_relu", "_IMPLS"),),
 }
 
 LIBRARIES: tuple[str, ...] = ("numpy", "triton", "transformers", "torchvision")

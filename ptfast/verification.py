@@ -244,12 +244,23 @@ def conv_class(
     return f"{_DTYPES.get(dtype, str(dtype))}/{layout}/k{kh}x{kw}{extra}/{tail}/cout{bucket}"
 
 
+NUMEL_EDGES = (1 << 20, 1 << 23, 1 << 26)
+
+
+def add_relu_class(dtype: torch.dtype, channels_last: bool, numel: int) -> str:
+    """``"bf16/channels_last/n8M"``: dtype, layout, element count bucket (``n1M``, ``n8M``, ``n64M``, ``n128M``:
+    Mi elements, the last for anything beyond 64 Mi)."""
+    layout = "channels_last" if channels_last else "nchw"
+    return f"{_DTYPES.get(dtype, str(dtype))}/{layout}/n{_bucket(numel, NUMEL_EDGES) >> 20}M"
+
+
 SHAPE_CLASS_OPS = {
     "attention": attention_class,
     "attention_varlen": attention_class,
     "masked_lm_loss": masked_lm_loss_class,
     "conv_relu": conv_class,
     "conv_relu_pool": conv_class,
+    "add_relu": add_relu_class,
 }
 
 

@@ -88,7 +88,10 @@ def _check_cnn_seed_stages(stages: dict, report: str) -> None:
         ops = {(op, kind) for op, _, kind, _ in phases[label]}
         assert ops == {("conv_relu", "forward")}, (label, phases[label])  # folded BN, no backward: frozen
     for label in ("pretrain 0-4 (parity)", "unfrozen (parity)", "pretrain 0-4", "unfrozen"):
-        assert not phases.get(label), (label, phases[label])  # train mode: stock BatchNorm math, no ptfast op
+        # train mode: stock conv + BatchNorm math, each block tail's add + ReLU one add_relu (4 BasicBlocks)
+        ops = {(op, kind, n) for op, _, kind, n in phases[label]}
+        assert {(op, kind) for op, kind, _ in ops} == {("add_relu", "forward")}, (label, phases[label])
+        assert all(n % 4 == 0 for _, _, n in ops), (label, phases[label])
     section = report.split("## 5. ResNet", 1)[1]
     assert "BatchNorm folded into the convolutions" in section and "uses_folded_bn() = True" in section
     assert "fused block: conv1+bn1+relu -> conv_relu" in section

@@ -11,7 +11,7 @@ from ptfast._dispatch import BACKENDS
 from ptfast.env_report import OP_TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ("conv_relu", "conv_relu_pool", "attention", "attention_varlen", "masked_lm_loss")
+OPS = ("conv_relu", "conv_relu_pool", "attention", "attention_varlen", "masked_lm_loss", "add_relu")
 
 
 def test_env_report_lists_every_backend_and_op() -> None:

@@ -104,8 +104,10 @@ def test_patched_models_eval_and_train_under_autocast(name, make, spec):
     for mode in (False, True):
         for m in (stock64, stock, ours):
             m.train(mode)
-        with torch.no_grad(), _backend(spec):
+        with torch.no_grad(), _backend(spec), record_dispatch() as events:
             ref = stock64(x.double())
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 theirs, got = stock(x), ours(x)
         assert_rule(got.float(), theirs.float(), ref, f"{name} {'train' if mode else 'eval'} logits")
+        if mode and spec != "auto" and "resnet" in name:  # BN on batch statistics: block tails' add + ReLU
+            assert_ran(events, "add_relu", spec.partition(":")[0])

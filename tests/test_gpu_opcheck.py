@@ -91,9 +91,22 @@ def test_opcheck_conv_relu(backend, channels_last, pool) -> None:
     x = _randn(2, 32, 15, 14, dtype=torch.bfloat16, seed=1).contiguous(memory_format=fmt)
     weight = _randn(48, 32, 3, 3, dtype=torch.bfloat16, seed=2, scale=0.06).requires_grad_()
     bias = _randn(48, dtype=torch.bfloat16, seed=3).requires_grad_()
-    opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, bias, 1, pool, pool, backend))
+    opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, bias, None, 1, 1, pool, pool, backend))
     out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), bias.detach(), None, 1, 1, pool, pool, backend)
     grad = torch.randn(out.shape, device="cuda", generator=_gen(4)).to(out.dtype)
     for needs in ((True, True, True), (False, True, True)):
-        args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, pool, *needs, backend)
+        args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, 1, pool, *needs, False, backend)
         opcheck(torch.ops.ptfast.conv_relu_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_opcheck_add_relu(backend, channels_last) -> None:
+    if backend == "cuda":
+        reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+        if reason is not None:
+            pytest.skip(reason)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _randn(2, 48, 15, 13, dtype=torch.bfloat16, seed=1).contiguous(memory_format=fmt).requires_grad_()
+    residual = _randn(2, 48, 15, 13, dtype=torch.bfloat16, seed=2).contiguous(memory_format=fmt).requires_grad_()
+    opcheck(torch.ops.ptfast.add_relu.default, (x, residual, backend))

@@ -135,7 +135,35 @@ def test_resnet_eval_and_training_match_stock(make, channels_last):
         1 for name, _ in ours.named_modules() if name.endswith("downsample.0")
     )
     stock.train(), ours.train()
-    _assert_same_train_steps(stock, ours, x)
+    with record_dispatch() as events:
+        _assert_same_train_steps(stock, ours, x)
+    # Training mode: BN on batch statistics runs stock between conv and the fused add + ReLU of each block tail.
+    blocks = sum(1 for m in ours.modules() if isinstance(m, (sm.BasicBlock, sm.Bottleneck)))
+    assert [e for e in events if e[0] != "add_relu"] == []
+    assert events.count(("add_relu", "torch", "forward")) == 2 * blocks
+
+
+def test_resnet_training_mode_is_bitwise_stock_in_fp32():
+    """conv and BN run stock; add_relu's torch backend is stock's add + ReLU: not a bit may differ (outputs,
+    every gradient, BN running statistics), in both layouts."""
+    torch.manual_seed(4)
+    stock = sm.randomize_batch_norms(sm.resnet18(), 4)
+    ours = ptfast.patch(copy.deepcopy(stock))
+    for channels_last in (False, True):
+        x = _image(3, 37, 29, channels_last).float()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        s, o = (copy.deepcopy(m).to(memory_format=fmt).train() for m in (stock, ours))
+        with record_dispatch() as events:
+            out = o(x)
+            out.square().sum().backward()
+        ref = s(x)
+        ref.square().sum().backward()
+        assert ("add_relu", "torch", "forward") in events
+        assert torch.equal(out, ref)
+        for (name, p), q in zip(s.named_parameters(), o.parameters(), strict=True):
+            assert torch.equal(q.grad, p.grad), name
+        for (name, b), c in zip(s.named_buffers(), o.buffers(), strict=True):
+            assert torch.equal(c, b), name
 
 
 def test_frozen_backbone_then_unfrozen():

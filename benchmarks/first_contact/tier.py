@@ -48,8 +48,9 @@ SLICES: tuple[Slice, ...] = (
           "conv backends in fp16"),
     Slice("conv-rest", ("tests/test_gpu_conv_backends.py", "-k", "not bf16 and not fp16"), 0.8,
           "conv backends in fp32, ties and argmax, int64 indexing, extension input checks"),
-    Slice("resnet", ("tests/test_gpu_conv_resnet.py",), 1.5,
-          "ResNet convs (stride 2, 1x1, the 7x7 stem, residual) on cuda/triton; patched ResNets, torchvision models"),
+    Slice("resnet", ("tests/test_gpu_conv_resnet.py", "tests/test_gpu_add_relu.py"), 1.5,
+          "ResNet convs (stride 2, 1x1, the 7x7 stem, residual) and add_relu on cuda/triton; patched ResNets, "
+          "torchvision models"),
     Slice("stress", ("tests/test_gpu_numerical_stress.py", "tests/test_gpu_properties.py"), 2.0,
           "numerical stress (extreme values, long rows) and property-based tests"),
 )  # fmt: skip

@@ -12,6 +12,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "masked_lm_loss": ("benchmarks.ops.masked_lm_loss", "spec"),
     "conv_relu": ("benchmarks.ops.conv", "spec_conv_relu"),
     "conv_relu_pool": ("benchmarks.ops.conv", "spec_conv_relu_pool"),
+    "add_relu": ("benchmarks.ops.add_relu", "spec"),
     "vgg16_features": ("benchmarks.ops.vgg", "spec"),
     "bert_mlm_step": ("benchmarks.ops.bert_step", "spec"),
     "vgg16_train_step": ("benchmarks.ops.vgg_step", "spec"),

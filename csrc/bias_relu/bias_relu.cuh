@@ -1,4 +1,5 @@
-// In-place fused bias (+ residual) + ReLU epilogue for a convolution output: y = max(y + bias[c] + residual, 0).
+// Fused bias (+ residual) + ReLU: out = max(y + bias[c] + residual, 0), in place (a convolution's epilogue) or into
+// a separate tensor of y's layout.
 //
 // This header is host-only (no device code, no torch headers) so that both the torch binding
 // (compiled by the host C++ compiler) and the kernel's own translation unit (nvcc) can include it.
@@ -43,5 +44,10 @@ extern "C" {
 // y is empty. Does not synchronize.
 cudaError_t ptfast_bias_relu_inplace(void* y, const void* bias, const void* residual, int64_t n, int64_t c,
                                      int64_t hw, int layout, int dtype, cudaStream_t stream);
+
+// As ptfast_bias_relu_inplace, but the result goes to `out` (n * c * hw elements of y's dtype and layout; it may
+// be y itself, and must not overlap residual or bias) and y is only read.
+cudaError_t ptfast_bias_relu(const void* y, void* out, const void* bias, const void* residual, int64_t n, int64_t c,
+                             int64_t hw, int layout, int dtype, cudaStream_t stream);
 
 }  // extern "C"

@@ -7,7 +7,8 @@
 5. a ResNet in torchvision's layout (seed workflows 2 and 3): pretrained on digits 0-4 in ``train()``, then a new
    ``fc`` trained with the backbone frozen (``requires_grad=False``, backbone in ``eval()``: the patched twin folds
    each BatchNorm into its convolution and runs conv + BatchNorm (+ residual) + ReLU as one ``ptfast.conv_relu``),
-   then everything unfrozen in ``train()`` (BatchNorm on batch statistics: the patched twin runs stock math).
+   then everything unfrozen in ``train()`` (BatchNorm on batch statistics: the patched twin runs the stock conv and
+   BatchNorm math, and each block's residual add + ReLU as one ``ptfast.add_relu``).
 """
 
 from __future__ import annotations
@@ -249,12 +250,18 @@ def _bn_findings(stage: Stage, steps: tuple[int, int], modules: tuple[list[str],
         )
     train_mode = _merged(stage, "pretrain 0-4") + _merged(stage, "unfrozen")
     conv_in_train = {**_conv_ops(train_mode, "forward"), **_conv_ops(train_mode, "backward")}
+    tails = {f"add_relu ({b})": n for (op, b, k), n in train_mode.items() if op == "add_relu" and k == "forward"}
     stage.checks["stock_bn_math_in_train_mode"] = not conv_in_train
     stage.details.append(
         "pretrain and unfrozen phases (train(), BatchNorm on batch statistics, which cannot be folded): "
         + (
-            "no ptfast conv op ran: the patched blocks ran their own conv -> BatchNorm -> add -> ReLU steps (stock "
-            "math), so on these phases the twins compute the same thing the same way"
+            "no ptfast conv op ran: the patched blocks ran their own convolutions and BatchNorms (stock math, "
+            "running statistics updated as stock), "
+            + (
+                f"then each block's residual add + ReLU as one ptfast.add_relu ({_fmt_ops(tails)})"
+                if tails
+                else "and their stock add + ReLU"
+            )
             if not conv_in_train
             else f"ptfast conv ops ran: {_fmt_ops(conv_in_train)}"
         )

@@ -13,10 +13,12 @@ alone) is one :class:`Chain` step. Parameters, buffers, submodules, state_dict k
 A chain step runs fused when stock PyTorch would not use batch statistics (eval mode or no BatchNorm): the
 BatchNorm is folded into the conv's weight and bias on the fly (:func:`ptfast.nn.conv.folded_weights`) and
 one ``ptfast.conv_relu(..., residual=...)`` (or ``conv_relu_pool``, or ``F.conv2d`` for a conv+BN chain)
-computes it. Otherwise (BatchNorm in training mode), or whenever the fused op would not compute what stock does
-(a hook put on one of the chain's modules after patching, a residual of another shape or dtype, a conv whose
-settings changed), the chain's own stock steps run unchanged. A call with other arguments than one tensor runs
-the class's stock forward.
+computes it. With BatchNorm in training mode the conv and the BN run stock (batch statistics, running-stat
+updates: exactly stock's) and, for a block tail ``conv -> BN -> + residual -> ReLU``, ``ptfast.add_relu`` does
+the add and the ReLU in one pass; other chains with a training-mode BN run their stock steps. Whenever the fused
+op would not compute what stock does (a hook put on one of the chain's modules after patching, a residual of
+another shape or dtype, a conv whose settings changed), the chain's own stock steps run unchanged. A call with
+other arguments than one tensor runs the class's stock forward.
 
 Plans are plain data (strings, ints, functions named by a key of :data:`FUNCTIONS`), so patched blocks deep-copy
 and pickle (``torch.save(model)``; loading needs ptfast importable).
@@ -167,12 +169,35 @@ def _fused_weights(block: nn.Module, chain: Chain, x: Any, residual: Any) -> tup
     return weight, bias
 
 
+def _batch_stats_tail(block: nn.Module, chain: Chain, x: Any, residual: Any) -> bool:
+    """Whether ``chain`` is a ResNet block tail ``conv -> BN -> (+ residual) -> ReLU`` whose BN uses batch
+    statistics (training mode): conv and BN then run stock and ``ptfast.add_relu`` fuses the rest."""
+    if chain.bn is None or not chain.relu or chain.pool or chain.residual_inplace is None:
+        return False
+    if not isinstance(x, Tensor) or not isinstance(residual, Tensor):
+        return False
+    if any(_has_hooks(block.get_submodule(path)) for path in chain.watched):
+        return False
+    return not uses_running_stats(block.get_submodule(chain.bn))
+
+
+def _run_stock(block: nn.Module, chain: Chain, slots: list) -> Any:
+    for step in chain.stock:
+        slots[step.out] = _run_step(block, step, slots)
+    return slots[chain.stock[-1].out]
+
+
 def _run_chain(block: nn.Module, chain: Chain, x: Any, residual: Any, slots: list) -> Any:
     fused = _fused_weights(block, chain, x, residual)
     if fused is None:
-        for step in chain.stock:
-            slots[step.out] = _run_step(block, step, slots)
-        return slots[chain.stock[-1].out]
+        if not _batch_stats_tail(block, chain, x, residual):
+            return _run_stock(block, chain, slots)
+        y = block.get_submodule(chain.bn)(block.get_submodule(chain.conv)(x))
+        if isinstance(y, Tensor) and y.dim() == 4 and y.shape == residual.shape and y.dtype == residual.dtype:
+            return ptfast.add_relu(y, residual)
+        # Broadcasting or promoting: stock's own arithmetic (y is fresh and used once, as in stock's `out += r`).
+        z = y.add_(residual) if chain.residual_inplace else y + residual
+        return torch.relu_(z)
     weight, bias = fused
     conv = block.get_submodule(chain.conv)
     if not chain.relu:

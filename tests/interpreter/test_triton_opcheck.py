@@ -103,3 +103,11 @@ def test_opcheck_conv_relu_strided_residual(forward: str) -> None:
         grad = torch.randn(out.shape, generator=g)
         args = (grad, out, argmax, x, weight.detach(), list(x.shape), True, 2, 1, False, True, True, True, True)
         opcheck(torch.ops.ptfast.conv_relu_backward.default, (*args, "triton"))
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_opcheck_add_relu(channels_last: bool) -> None:
+    g = torch.Generator().manual_seed(6)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, residual = (torch.randn(2, 7, 5, 3, generator=g).contiguous(memory_format=fmt).requires_grad_() for _ in "xr")
+    opcheck(torch.ops.ptfast.add_relu.default, (x, residual, "triton"))

@@ -26,6 +26,10 @@ def _pair(make):
     return stock, ptfast.patch(copy.deepcopy(stock))
 
 
+def _vgg():
+    return sm.AttributeVGG(widths=(4, 8, 8, 8, 8))
+
+
 def _tiny_resnet(block):
     return lambda: sm.ResNet(block, [1, 1, 1, 1], num_classes=5, width=4)
 
@@ -33,7 +37,7 @@ def _tiny_resnet(block):
 @pytest.mark.parametrize(
     ("make", "size"),
     [
-        (lambda: sm.AttributeVGG(widths=(4, 8, 8, 8, 8)), 32),
+        (_vgg, 32),
         (_tiny_resnet(sm.BasicBlock), 19),
         (_tiny_resnet(sm.Bottleneck), 17),
     ],
@@ -51,10 +55,13 @@ def test_patched_model_on_triton_matches_stock(make, size):
     assert {(op, backend) for op, backend, _ in events} <= {("conv_relu", "triton"), ("conv_relu_pool", "triton")}
     assert events
     stock.train(), ours.train()
-    with ptfast.use_backend("triton"):
+    with ptfast.use_backend("triton"), record_dispatch() as events:
         losses = [F.cross_entropy(m(x), labels) for m in (stock, ours)]
         for loss in losses:
             loss.backward()
+    if make is not _vgg:  # ResNets: BN on batch statistics, then each block tail's add + ReLU on the Triton kernel
+        blocks = sum(1 for m in ours.modules() if isinstance(m, (sm.BasicBlock, sm.Bottleneck)))
+        assert events.count(("add_relu", "triton", "forward")) == blocks
     torch.testing.assert_close(losses[1], losses[0], **TOL)
     for (name, p), q in zip(stock.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)

@@ -62,3 +62,9 @@ def conv_relu_ref(x, weight, bias=None, padding: int = 1, pool: bool = False, st
         y = y + residual.to(torch.float64)
     y = torch.relu(y)
     return maxpool2x2_first_ref(y) if pool else y
+
+
+def add_relu_ref(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """relu(x + residual) in float64, from the definition: the sum where it is positive, else 0 (NaN stays)."""
+    s = x.to(torch.float64) + residual.to(torch.float64)
+    return torch.where(s > 0, s, torch.where(torch.isnan(s), s, torch.zeros_like(s)))

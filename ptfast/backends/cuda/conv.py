@@ -19,16 +19,16 @@ from ptfast.backends import cuda as cuda_backend
 
 # supports() runs inside torch.compile's trace: probe the environment once, bake the answer in.
 @constant_while_compiling
-def _device_reason(device: torch.device) -> str | None:
+def device_reason(device: torch.device) -> str | None:
     return cuda_backend.unavailable_reason(device)
 
 
 def supports(**meta: object) -> str | None:
     """``None`` if this backend runs these inputs, else why not (``meta``: x, weight, bias, padding, pool)."""
-    return conv_epilogue.supports("cuda", meta, _device_reason, has_pool_kernels=True)
+    return conv_epilogue.supports("cuda", meta, device_reason, has_pool_kernels=True)
 
 
-def _ext():
+def extension():
     ext = cuda_backend.extension()
     if ext is None:
         raise RuntimeError(cuda_backend.extension_reason())
@@ -36,11 +36,11 @@ def _ext():
 
 
 def _bias_relu_pool(z: torch.Tensor, bias: torch.Tensor | None, need_argmax: bool):
-    return _ext().bias_relu_pool(z, bias, need_argmax)
+    return extension().bias_relu_pool(z, bias, need_argmax)
 
 
 def _pool_relu_backward(grad, out, argmax, conv_hw: tuple[int, int], need_dbias: bool):
-    g, dbias = _ext().pool_relu_backward(grad, out, argmax, conv_hw[0], conv_hw[1], need_dbias)
+    g, dbias = extension().pool_relu_backward(grad, out, argmax, conv_hw[0], conv_hw[1], need_dbias)
     return g, dbias if need_dbias else None
 
 
@@ -61,7 +61,7 @@ def forward(
 
 
 def _bias_relu_(z: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
-    return _ext().bias_relu_(z, bias, residual)
+    return extension().bias_relu_(z, bias, residual)
 
 
 def backward(

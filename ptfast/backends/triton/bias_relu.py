@@ -1,4 +1,5 @@
-"""Triton kernel: in-place ``y = max(y + bias[c] [+ residual], 0)`` on a 4-D NCHW or channels_last tensor.
+"""Triton kernel: ``out = max(y + bias[c] [+ residual], 0)`` on a 4-D NCHW or channels_last tensor, in place
+(``out`` is ``y``: the conv epilogue) or into a new tensor of y's layout (``ptfast.add_relu``).
 
 This module imports triton at import time; the triton conv backend imports it lazily, only when it runs, so
 ``import ptfast`` never imports triton. Importing it also registers every configuration :func:`bias_relu_` can
@@ -29,6 +30,7 @@ from ptfast.backends.triton import compile_targets
 @triton.jit
 def _bias_relu_kernel(
     y_ptr,
+    out_ptr,
     bias_ptr,
     residual_ptr,
     rows,
@@ -61,7 +63,7 @@ def _bias_relu_kernel(
         v = v + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     # where(v < 0, 0, v) rather than maximum: NaN stays NaN, like torch.relu.
     v = tl.where(v < 0.0, 0.0, v)
-    tl.store(y_ptr + offsets, v.to(y.dtype), mask=mask)
+    tl.store(out_ptr + offsets, v.to(y.dtype), mask=mask)
 
 
 # (BLOCK_R, BLOCK_C, num_warps), picked by the length of the contiguous inner dimension: the narrowest tile
@@ -94,6 +96,7 @@ def _register_configs() -> None:
             _bias_relu_kernel,
             signature={
                 "y_ptr": f"*{tdtype}",
+                "out_ptr": f"*{tdtype}",
                 "bias_ptr": f"*{tdtype}",
                 "residual_ptr": f"*{tdtype}",
                 "rows": "i32",
@@ -108,7 +111,7 @@ def _register_configs() -> None:
                 "BLOCK_C": block_c,
             },
             num_warps=num_warps,
-            divisible_by_16=("y_ptr", "bias_ptr", "residual_ptr"),
+            divisible_by_16=("y_ptr", "out_ptr", "bias_ptr", "residual_ptr"),
         )
 
 
@@ -129,8 +132,18 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tenso
     and device, contiguous; ``residual``: y's shape, dtype and strides. The caller (the conv backend) has
     validated everything else.
     """
+    return bias_relu(y, bias, residual, out=y)
+
+
+def bias_relu(
+    y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``relu(y + bias[c] + residual)`` written to ``out`` (default: a new tensor laid out like ``y``); returns it.
+
+    Shapes and layouts as :func:`bias_relu_`; ``out`` (``y`` itself for in place) has y's shape, dtype and strides.
+    """
     if y.dim() != 4 or y.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"bias_relu_: y must be a 4-D fp16/bf16/fp32 tensor, got {y.dtype} {tuple(y.shape)}")
+        raise ValueError(f"bias_relu: y must be a 4-D fp16/bf16/fp32 tensor, got {y.dtype} {tuple(y.shape)}")
     n, c, h, w = y.shape
     # Contiguous both ways (C == 1 or H * W == 1) reads the same memory either way: take NCHW.
     if y.is_contiguous():
@@ -138,25 +151,27 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tenso
     elif y.is_contiguous(memory_format=torch.channels_last):
         channels_last, rows, inner = True, n * h * w, c
     else:
-        raise ValueError(f"bias_relu_: y must be contiguous in NCHW or channels_last, got strides {y.stride()}")
+        raise ValueError(f"bias_relu: y must be contiguous in NCHW or channels_last, got strides {y.stride()}")
     if bias is not None and (bias.shape != (c,) or bias.dtype != y.dtype or not bias.is_contiguous()):
         raise ValueError(
-            f"bias_relu_: bias must be a contiguous ({c},) {y.dtype} tensor, got {bias.dtype} {tuple(bias.shape)}"
+            f"bias_relu: bias must be a contiguous ({c},) {y.dtype} tensor, got {bias.dtype} {tuple(bias.shape)}"
         )
-    if residual is not None and (
-        residual.shape != y.shape or residual.dtype != y.dtype or not same_layout(residual, y)
-    ):
-        raise ValueError(
-            f"bias_relu_: residual must match y's shape, dtype and strides, got {residual.dtype} "
-            f"{tuple(residual.shape)} strides {residual.stride()}"
-        )
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (t.shape != y.shape or t.dtype != y.dtype or not same_layout(t, y)):
+            raise ValueError(
+                f"bias_relu: {name} must match y's shape, dtype and strides, got {t.dtype} "
+                f"{tuple(t.shape)} strides {t.stride()}"
+            )
+    if out is None:
+        out = torch.empty_like(y, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if y.numel() == 0:
-        return y
+        return out
     block_r, block_c, num_warps = pick_config(inner)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_c),)
     with triton_backend.device_guard(y):
         triton_backend.checked(_bias_relu_kernel, grid)(
             y,
+            out,
             bias if bias is not None else y,  # never read when HAS_BIAS is False
             residual if residual is not None else y,  # never read when HAS_RESIDUAL is False
             rows,
@@ -169,4 +184,4 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tenso
             BLOCK_C=block_c,
             num_warps=num_warps,
         )
-    return y
+    return out
