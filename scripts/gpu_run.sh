@@ -189,7 +189,7 @@ gpu_visible() {
 
 phase_first_contact() {
   # Steps and budgets (seconds; the command must end inside CMD_BUDGET): smoke 160; headline up to 390 (the sum
-  # of its invocations' --time-limit, 305, plus process start-ups), never more than what is left of CMD_BUDGET
+  # of its invocations' --time-limit, 300, plus process start-ups), never more than what is left of CMD_BUDGET
   # after keeping TAIL_RESERVE for record + summary + tier (~40): the headline gets --budget, starts no
   # invocation that would not fit, and cuts the last ones' --time-limit (the ResNet steps come last: they feed
   # no record row).

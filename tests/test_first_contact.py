@@ -1,7 +1,8 @@
 """The first-contact tooling (``benchmarks.first_contact``) without a GPU: the pieces must fit each other.
 
 * every smoke family names the shape-class family ``ptfast.verification`` builds for that op (otherwise a passed
-  smoke test would vouch for nothing), and every class the headline benchmarks measure has a smoke family;
+  smoke test would vouch for nothing), and every class the headline benchmarks measure has a smoke family (the
+  ResNet conv specializations included: 7x7 stride-2 stem, strided 3x3 and 1x1, residual tails);
 * benchmark results become record rows (speed-up over the torch twin, spread, check verdict, shape class) and a
   record that ``auto`` decides by;
 * per-test durations are read from pytest's junit XML.
@@ -35,10 +36,26 @@ def _class_family(fam: smoke.Family) -> str:
         )  # fmt: skip
     elif fam.op == "masked_lm_loss":
         cls = verification.masked_lm_loss_class(dtype, 768)
+    elif fam.op == "add_relu":
+        cls = verification.add_relu_class(dtype, fam.params["layout"] == "channels_last", 64 * 256 * 56 * 56)
     else:
-        cls = verification.conv_class(dtype, fam.params["layout"] == "channels_last", (64, 64, 3, 3),
-                                      fam.op == "conv_relu_pool")  # fmt: skip
+        k = fam.params["k"]
+        cls = verification.conv_class(dtype, fam.params["layout"] == "channels_last", (64, 64, k, k),
+                                      fam.op == "conv_relu_pool", stride=fam.params["stride"],
+                                      residual=fam.params["residual"])  # fmt: skip
     return cls.rsplit("/", 1)[0]
+
+
+# The ResNet specializations of conv_relu: (family tail, a representative weight shape, stride, residual).
+RESNET_FAMILIES = [
+    ("channels_last/k7x7/s2/nopool", (64, 3, 7, 7), 2, False),
+    ("channels_last/k3x3/s2/nopool", (128, 128, 3, 3), 2, False),
+    ("channels_last/k3x3/residual/nopool", (256, 256, 3, 3), 1, True),
+    ("nchw/k3x3/residual/nopool", (64, 64, 3, 3), 1, True),
+    ("channels_last/k1x1/nopool", (64, 256, 1, 1), 1, False),
+    ("channels_last/k1x1/s2/nopool", (1024, 512, 1, 1), 2, False),
+    ("channels_last/k1x1/residual/nopool", (256, 64, 1, 1), 1, True),
+]
 
 
 @pytest.mark.parametrize("cpu", [False, True], ids=["device-run", "cpu-rehearsal"])
@@ -57,10 +74,42 @@ def test_smoke_families_name_the_verification_families(cpu: bool) -> None:
             for op, family in fam.covers:
                 assert (op, fam.backend, family) in covered, (fam.name, op, family)
         # the hot variants: four attention forms x two half types x two head dims, every conv family on both
-        # backends, the masked-LM loss, and the four model steps
+        # backends (4 VGG ones and 7 ResNet ones per half type), the masked-LM loss, and the six model steps
         assert sum(f.kind == "attention" for f in fams) == 16
-        assert sum(f.kind == "conv" for f in fams) == 16
-        assert sum(f.op == "model" for f in fams) == 4
+        assert sum(f.kind == "conv" for f in fams) == 2 * 2 * (4 + 7)
+        assert sum(f.op == "model" for f in fams) == 6
+        # add_relu: both backends x two half types x both layouts
+        assert {f.name for f in fams if f.op == "add_relu"} == {
+            f"add_relu/{b}/{d}/{layout}" for b in ("triton", "cuda") for d in ("bf16", "fp16")
+            for layout in ("channels_last", "nchw")
+        }  # fmt: skip
+        for backend in ("triton", "cuda"):
+            resnet = next(f for f in fams if f.name == f"model/{backend}/resnet")
+            assert ("conv_relu", "bf16/channels_last/k7x7/s2/nopool") in resnet.covers
+            assert ("conv_relu", "bf16/channels_last/k1x1/residual/nopool") in resnet.covers
+    else:
+        # the rehearsal: fp16 only; the cuda families are listed (and skipped when run)
+        assert sum(f.kind == "conv" for f in fams) == 2 * (4 + 7)
+        assert {f.name for f in fams if f.op == "model"} == {
+            "model/triton/bert-mlm", "model/triton/bert-mlm-unpad", "model/triton/vgg", "model/cuda/vgg",
+            "model/triton/resnet", "model/cuda/resnet",
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("cpu", [False, True], ids=["device-run", "cpu-rehearsal"])
+@pytest.mark.parametrize(("tail", "weight", "stride", "residual"), RESNET_FAMILIES, ids=[f[0] for f in RESNET_FAMILIES])
+def test_resnet_conv_families_exist(cpu: bool, tail: str, weight: tuple, stride: int, residual: bool) -> None:
+    """Each ResNet specialization has a conv_relu smoke family per backend and half type, named exactly like the
+    family of the class ``verification.conv_class`` gives a call with that kernel, stride and residual."""
+    fams = {f.name: f for f in smoke.families(cpu)}
+    for dtype in ("fp16",) if cpu else ("bf16", "fp16"):
+        cls = verification.conv_class(DTYPES[dtype], tail.startswith("channels_last"), weight, False, stride=stride,
+                                      residual=residual)  # fmt: skip
+        assert cls.rsplit("/", 1)[0] == f"{dtype}/{tail}"
+        for backend in ("triton", "cuda"):
+            fam = fams[f"conv_relu/{backend}/{dtype}/{tail}"]
+            assert fam.family == f"{dtype}/{tail}" and fam.kind == "conv" and fam.backend == backend
+            assert (fam.params["k"], fam.params["stride"], fam.params["residual"]) == (weight[2], stride, residual)
 
 
 def _result_file(tmp: Path, op: str, case: dict, recs: list[dict], dtype: str = "bfloat16") -> None:
@@ -112,6 +161,31 @@ def test_bench_rows_and_the_record_they_make(tmp_path: Path) -> None:
     assert "did not match" in verdicts[("masked_lm_loss", "bf16/E1024")]
 
 
+def test_conv_bench_rows_carry_kernel_stride_and_residual(tmp_path: Path) -> None:
+    """A ResNet conv row's class has its kernel, stride and residual; a VGG row written before the ResNet cases
+    (no stride / residual parameters) keeps its k3x3 class."""
+    stem = {"name": "resnet50 stem 3->64 k7 s2 @224", "params": {"N": 64, "Cin": 3, "Cout": 64, "H": 224, "W": 224,
+            "k": 7, "padding": 3, "stride": 2, "residual": False}}  # fmt: skip
+    tail = {"name": "resnet18 layer3.1.conv2 256->256 k3 @14 +residual", "params": {"N": 64, "Cin": 256,
+            "Cout": 256, "H": 14, "W": 14, "k": 3, "padding": 1, "stride": 1, "residual": True}}  # fmt: skip
+    old = {"name": "conv4_2 512->512 @28", "params": {"N": 64, "Cin": 512, "Cout": 512, "H": 28, "W": 28, "k": 3,
+           "padding": 1}}  # fmt: skip
+    recs = [_rec(c["name"], p, m, None if p.endswith("[torch]") else True)
+            for c in (stem, tail, old) for p, m in (("ptfast[torch]", 2.0), ("ptfast[cuda]", 1.0))]  # fmt: skip
+    data = {"op": "conv_relu", "options": {"dtype": "bfloat16"}, "cases": [stem, tail, old], "results": recs}
+    (tmp_path / "conv_relu.json").write_text(json.dumps(data))
+    rows = {r["case"]: r["shape_class"] for r in headline.bench_rows(tmp_path, "sm90")}
+    assert rows == {
+        stem["name"]: "bf16/channels_last/k7x7/s2/nopool/cout64",
+        tail["name"]: "bf16/channels_last/k3x3/residual/nopool/cout256",
+        old["name"]: "bf16/channels_last/k3x3/nopool/cout512",
+    }
+    assert rows[stem["name"]] == verification.conv_class(torch.bfloat16, True, (64, 3, 7, 7), False, stride=2)
+    families = {(f.op, f.backend, f.family) for f in smoke.families(cpu=False)}
+    for cls in rows.values():
+        assert ("conv_relu", "cuda", cls.rsplit("/", 1)[0]) in families, cls
+
+
 def test_headline_classes_have_smoke_families(tmp_path: Path) -> None:
     families = {(f.op, f.backend, f.family) for f in smoke.families(cpu=False)}
     # The GPU headline's shapes, as the benchmark specs define them, map onto smoke-tested families.
@@ -124,11 +198,14 @@ def test_headline_classes_have_smoke_families(tmp_path: Path) -> None:
         ("conv_relu", "triton", "bf16/channels_last/k3x3/nopool"),
         ("conv_relu", "cuda", "bf16/channels_last/k3x3/nopool"),
     ]
+    resnet_tails = ["k7x7/s2", "k3x3/s2", "k3x3/residual", "k1x1", "k1x1/s2", "k1x1/residual"]
+    expected += [("conv_relu", backend, f"bf16/channels_last/{tail}/nopool")
+                 for backend in ("triton", "cuda") for tail in resnet_tails]  # fmt: skip
     for key in expected:
         assert key in families, key
     ops = [inv.op for inv in headline.plan(cpu=False)]
-    assert ops == ["attention", "masked_lm_loss", "conv_relu_pool", "conv_relu", "bert_mlm_step", "vgg16_train_step",
-                   "resnet50_frozen_step", "resnet18_train_step"]  # fmt: skip
+    assert ops == ["attention", "masked_lm_loss", "conv_relu_pool", "conv_relu", "add_relu", "bert_mlm_step",
+                   "vgg16_train_step", "resnet50_frozen_step", "resnet18_train_step"]  # fmt: skip
     assert [inv.op for inv in headline.plan(cpu=True)] == ops
     # every invocation names cases and providers its spec really has (a typo would silently measure nothing)
     from benchmarks.common import Options
@@ -137,12 +214,43 @@ def test_headline_classes_have_smoke_families(tmp_path: Path) -> None:
     for cpu in (False, True):
         # The GPU plan names the CUDA shapes (a device object only: nothing runs on it).
         opts = Options(device=torch.device("cpu" if cpu else "cuda"), quick=cpu)
+        smoke_families = {(f.op, f.backend, f.family) for f in smoke.families(cpu)}
+        dtype = torch.float16 if cpu else torch.bfloat16
         for inv in headline.plan(cpu):
             spec = load(inv.op)
-            cases = {c.name for c in spec.cases(opts)}
+            cases = {c.name: c for c in spec.cases(opts)}
             providers = {p.name for p in spec.providers(opts)}
-            assert set(inv.cases) <= cases, (inv.op, set(inv.cases) - cases)
+            assert set(inv.cases) <= set(cases), (inv.op, set(inv.cases) - set(cases))
             assert set(inv.providers) <= providers, (inv.op, set(inv.providers) - providers)
+            if inv.op == "add_relu":
+                # every add_relu class the headline measures has a smoke family per backend
+                for name in inv.cases:
+                    for backend in ("triton", "cuda"):
+                        op, cls = headline._shape_class(inv.op, f"ptfast[{backend}]", cases[name].params, dtype)
+                        assert (op, backend, cls.rsplit("/", 1)[0]) in smoke_families, (cpu, name, backend, cls)
+                if not cpu:
+                    classes = {headline._shape_class(inv.op, "ptfast[cuda]", cases[n].params, dtype)[1]
+                               for n in inv.cases}  # fmt: skip
+                    assert classes == {"bf16/channels_last/n64M", "bf16/channels_last/n8M"}, classes
+            if inv.op not in ("conv_relu", "conv_relu_pool"):
+                continue
+            # every conv class the headline measures (as bench_rows names it) has a smoke family per backend
+            classes = set()
+            for name in inv.cases:
+                for backend in ("triton", "cuda"):
+                    op, cls = headline._shape_class(inv.op, f"ptfast[{backend}]", cases[name].params, dtype)
+                    assert (op, backend, cls.rsplit("/", 1)[0]) in smoke_families, (cpu, name, backend, cls)
+                    classes.add(cls)
+            if inv.op == "conv_relu":
+                # a VGG layer plus the six ResNet layers, each a class of its own
+                assert len(inv.cases) == 7 and len(classes) == 7, classes
+                if not cpu:
+                    assert classes == {
+                        "bf16/channels_last/k3x3/nopool/cout512", "bf16/channels_last/k7x7/s2/nopool/cout64",
+                        "bf16/channels_last/k1x1/nopool/cout64", "bf16/channels_last/k1x1/residual/nopool/cout256",
+                        "bf16/channels_last/k3x3/s2/nopool/cout128", "bf16/channels_last/k3x3/residual/nopool/cout256",
+                        "bf16/channels_last/k1x1/s2/nopool/cout1024",
+                    }  # fmt: skip
 
 
 def test_durations_from_junit() -> None:

@@ -2,10 +2,12 @@
 
 ``bash scripts/gpu_run.sh first-contact`` runs, on a bare GPU machine (``python -m benchmarks.first_contact``):
 
-1. ``smoke`` (:mod:`.smoke`): every kernel family in every hot variant, bf16 and fp16, forward and backward once,
-   against the float64 oracle by the rule of DESIGN.md §4, plus a patched tiny BERT and VGG training step on the
-   triton and cuda backends. Each family runs in its own process (an illegal address in one cannot poison the
-   others) and ends as passed, failed (with the error) or skipped (with the reason).
+1. ``smoke`` (:mod:`.smoke`): every kernel family in every hot variant (the conv ones include ResNet's 7x7 stem,
+   strided and 1x1 convs and residual tails), bf16 and fp16, forward and backward once, against the float64 oracle
+   by the rule of DESIGN.md §4, plus a patched tiny BERT and VGG training step and an eval-mode tiny ResNet
+   (BatchNorm folded, blocks fused) on the triton and cuda backends. Each family runs in its own process (an
+   illegal address in one cannot poison the others) and ends as passed, failed (with the error) or skipped (with
+   the reason).
 2. ``headline`` (:mod:`.headline`): the benchmarks that decide whether a kernel earns its place, each side by side
    with its baselines in one run and each ptfast backend's output and gradients checked against the torch
    backend's (``benchmarks.run --check-backends``).

@@ -10,23 +10,32 @@ output and gradients (``--check-backends``). On a GPU (bf16, the default shapes)
 * the BERT-base masked-LM head (32k tokens, 15 % labelled, vocab 30522): ptfast torch / triton against the stock
   Hugging Face head and a gathered PyTorch head;
 * three VGG-16 conv layers (conv1_2 and conv3_3 with the 2x2 pool, conv4_2 without) against cuDNN eager;
+* six ResNet conv layers through ``conv_relu`` (after conv4_2, most valuable first: the invocation's time limit
+  cuts the last), each a kernel specialization and shape class of its own, against torchvision's eager block
+  (``F.conv2d``, ``add_`` of the residual, ``relu_``): the ResNet-50 stem (7x7 stride 2), Bottleneck 1x1s
+  (``layer1.1.conv1``, ``conv3`` + residual), a strided 3x3 (``layer2.0.conv2``), a BasicBlock tail (ResNet-18
+  ``layer3.1.conv2`` + residual) and a downsample-like strided 1x1 (:data:`benchmarks.ops.conv.RESNET_LAYERS`);
+* ``add_relu`` at two ResNet block-tail activations of batch 64 (ResNet-50 layer1: 51 Mi elements, ResNet-18
+  layer2: 6 Mi; two size classes) against eager ``torch.add(y, r).relu_()``;
 * a BERT-base masked-LM training step, stock (sdpa) vs ``ptfast.patch`` vs ``ptfast.patch(unpad=True)``;
 * a VGG-16 training step, eager vs ``ptfast.patch`` on the triton and cuda backends;
 * a frozen ResNet-50 backbone (eval mode, BatchNorm folded by the patch) with a new trainable ``fc``: one step,
   eager vs ``ptfast.patch`` on the triton and cuda backends;
-* a ResNet-18 training step (train mode: BatchNorm on batch statistics, so the patched blocks run stock math),
-  eager vs ``ptfast.patch`` (auto): what patching costs or saves where it cannot fuse.
+* a ResNet-18 training step (train mode: BatchNorm on batch statistics, so the patched blocks run stock conv and
+  BN math, and ``add_relu`` at each block tail), eager vs ``ptfast.patch`` (auto).
 
-The ResNet invocations come last: they feed no record row, so a run short of time loses them first.
+The ResNet step invocations come last: they feed no record row, so a run short of time loses them first.
 
 The patched models run under ``PTFAST_ALLOW_UNVERIFIED=1``: with no record yet, ``auto`` would run the torch
 backend and the step would measure nothing new. A CPU rehearsal runs the same invocations with ``--quick`` shapes,
-fp16 and the Triton interpreter (the ResNet steps without it, on the torch backend); its timings are no performance
-claim and never reach the package's record.
+fp16 and the Triton interpreter (the ResNet steps without it, on the torch backend; the ResNet conv layers as tiny
+odd-sized versions of each form); its timings are no performance claim and never reach the package's record.
 
 :func:`bench_rows` turns the op benchmarks' JSON into the record's rows: per shape class and backend, the speed-up
 over the torch backend in the same run (median of forward+backward, with a p20-p80 spread) and whether the check
-passed.
+passed. A conv row's class carries the case's kernel, stride and residual
+(``bf16/channels_last/k7x7/s2/nopool/cout64``, ``bf16/channels_last/k3x3/residual/nopool/cout256``): each ResNet
+specialization is vouched for by its own smoke family (:mod:`.smoke`).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ops.conv import resnet_case_names
 from ptfast import verification
 
 CHECKED = ("ptfast[torch]", "ptfast[triton]", "ptfast[cuda]", "ptfast-varlen[torch]", "ptfast-varlen[triton]")
@@ -59,7 +69,8 @@ def plan(cpu: bool) -> list[Invocation]:
     sdpa = () if cpu else ("sdpa[flash]", "sdpa[efficient]", "sdpa[cudnn]", "sdpa[math]")
     mlm = ("tiny 15% masked",) if cpu else ("bert-base 32k tok",)
     pool_layers = ("tiny 8->16 @16",) if cpu else ("conv1_2 64->64 @224", "conv3_3 256->256 @56")
-    conv_layers = ("tiny 8->16 @16",) if cpu else ("conv4_2 512->512 @28",)
+    # conv_relu: a VGG layer, then the ResNet layers (stem, 1x1s, strided, residual tails; tiny ones on the CPU).
+    conv_layers = (("tiny 8->16 @16",) if cpu else ("conv4_2 512->512 @28",)) + resnet_case_names(quick=cpu)
     conv_providers = ("ptfast[torch]", "ptfast[triton]", "ptfast[cuda]", "eager")
     bert_case = ("bert-tiny b4 L32",) if cpu else ("bert-base b128 L128",)
     vgg_case = ("vgg16/8 full @32",) if cpu else ("vgg16 full @224",)
@@ -72,15 +83,22 @@ def plan(cpu: bool) -> list[Invocation]:
     frozen_case = ("resnet50/8 frozen-backbone @32 b2",) if cpu else ("resnet50 frozen-backbone @224 b64",)
     frozen_providers = ("eager", "ptfast") if cpu else ("eager", "ptfast[triton]", "ptfast[cuda]")
     train_case = ("resnet18/8 @32 b2",) if cpu else ("resnet18 @224 b64",)
+    add_relu = ("tiny 19ch @9",) if cpu else ("resnet50 layer1 256ch @56", "resnet18 layer2 128ch @28")
+    # Seconds (--time-limit, soft: a measurement that has started finishes) sum to 300: conv_relu's 45 s hold seven
+    # layers (each new specialization compiles its Triton kernels and tunes cuDNN on its first call; its cases run
+    # in order, so a short run loses the last ResNet layers); add_relu (two elementwise cases) needs a few seconds.
+    # Paid for by the masked-LM loss (one case), attention, the VGG step and the ResNet steps, which run last and
+    # feed no record row.
     return [
-        Invocation("attention", attention, CHECKED[:2] + CHECKED[3:] + sdpa, 75),
-        Invocation("masked_lm_loss", mlm, ("ptfast[torch]", "ptfast[triton]", "hf-all-tokens", "gathered"), 35),
+        Invocation("attention", attention, CHECKED[:2] + CHECKED[3:] + sdpa, 70),
+        Invocation("masked_lm_loss", mlm, ("ptfast[torch]", "ptfast[triton]", "hf-all-tokens", "gathered"), 30),
         Invocation("conv_relu_pool", pool_layers, conv_providers, 40),
-        Invocation("conv_relu", conv_layers, conv_providers, 25),
+        Invocation("conv_relu", conv_layers, conv_providers, 45),
+        Invocation("add_relu", add_relu, conv_providers, 8),
         Invocation("bert_mlm_step", bert_case, bert_providers, 45, ("train",), True),
-        Invocation("vgg16_train_step", vgg_case, vgg_providers, 35, ("train",), True),
-        Invocation("resnet50_frozen_step", frozen_case, frozen_providers, 30, ("train",), True, interpreter=False),
-        Invocation("resnet18_train_step", train_case, ("eager", "ptfast"), 20, ("train",), True, interpreter=False),
+        Invocation("vgg16_train_step", vgg_case, vgg_providers, 30, ("train",), True),
+        Invocation("resnet50_frozen_step", frozen_case, frozen_providers, 20, ("train",), True, interpreter=False),
+        Invocation("resnet18_train_step", train_case, ("eager", "ptfast"), 12, ("train",), True, interpreter=False),
     ]
 
 
@@ -126,8 +144,14 @@ def _shape_class(op: str, provider: str, params: dict[str, Any], dtype) -> tuple
     if op == "masked_lm_loss":
         return op, verification.masked_lm_loss_class(dtype, params["E"])
     if op in ("conv_relu", "conv_relu_pool"):
+        # The spec's inputs are channels_last; results written before the ResNet cases have no stride/residual.
         weight = (params["Cout"], params["Cin"], params["k"], params["k"])
-        return op, verification.conv_class(dtype, True, weight, op == "conv_relu_pool")
+        stride, residual = int(params.get("stride", 1)), bool(params.get("residual", False))
+        return op, verification.conv_class(
+            dtype, True, weight, op == "conv_relu_pool", stride=stride, residual=residual
+        )
+    if op == "add_relu":  # channels_last inputs
+        return op, verification.add_relu_class(dtype, True, params["N"] * params["C"] * params["H"] * params["W"])
     return None
 
 
@@ -139,7 +163,7 @@ def bench_rows(results_dir: Path, gpu_class: str) -> list[dict[str, Any]]:
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         op = data.get("op")
-        if op not in ("attention", "masked_lm_loss", "conv_relu", "conv_relu_pool"):
+        if op not in ("attention", "masked_lm_loss", "conv_relu", "conv_relu_pool", "add_relu"):
             continue
         dtype = getattr(torch, data["options"]["dtype"])
         params = {c["name"]: c["params"] for c in data["cases"]}

@@ -5,8 +5,16 @@ family part of :mod:`ptfast.verification`'s shape classes, so a passed family vo
 Each check draws odd-sized random inputs, runs the op on the family's backend explicitly (asserting it ran, forward
 and backward), and applies DESIGN.md §4 to the output and every gradient: ``err(ptfast) <= 2 * err(PyTorch's op in
 the same dtype) + 1e-5``, errors relative to the float64 oracle of ``tests/oracles``. The model steps (a patched
-tiny BERT and VGG, one training step under autocast) check the loss and every parameter gradient the same way
-against the stock model; a failing model step also fails the op families it covers.
+tiny BERT and VGG, one training step under autocast; a tiny eval-mode ResNet, BatchNorm folded and blocks fused,
+one forward and backward) check the loss and every parameter gradient the same way against the stock model; a
+failing model step also fails the op families it covers.
+
+``add_relu`` families: each backend, dtype and layout (one elementwise kernel per combination).
+
+Conv families: the VGG ones (3x3, stride 1, with and without the pool, both layouts) and the ResNet
+specializations of ``conv_relu`` (:data:`RESNET_CONV_FORMS`: the 7x7 stride-2 stem, strided 3x3, 3x3 with a
+residual, 1x1 plain, strided and with a residual), channels_last (the layout the headline benchmarks measure)
+plus NCHW for the 3x3 residual tail (there the kernels are cuDNN's convolution and the residual epilogue).
 
 :func:`run_all` runs every family in its own subprocess (``python -m benchmarks.first_contact smoke-one NAME``),
 several at a time: a crash or an illegal address takes down one family's process, never the rest.
@@ -30,6 +38,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = ("bf16", "fp16")
 HEAD_DIMS = (64, 128)
+# conv_relu's ResNet specializations: (kernel, stride, residual, layouts). Padding is kernel // 2.
+RESNET_CONV_FORMS: tuple[tuple[int, int, bool, tuple[str, ...]], ...] = (
+    (7, 2, False, ("channels_last",)),  # the stem
+    (3, 2, False, ("channels_last",)),  # a Bottleneck's strided conv2, a BasicBlock's strided conv1
+    (3, 1, True, ("channels_last", "nchw")),  # a BasicBlock's tail
+    (1, 1, False, ("channels_last",)),  # a Bottleneck's conv1
+    (1, 2, False, ("channels_last",)),  # downsample-like
+    (1, 1, True, ("channels_last",)),  # a Bottleneck's tail (conv3)
+)
 ATTENTION_FORMS = {  # form -> (op, shape-class features)
     "bert": ("attention", "dropout+key_mask"),
     "bert-unpad": ("attention_varlen", "dropout+varlen"),
@@ -50,6 +67,12 @@ class Family:
     covers: tuple[tuple[str, str], ...] = ()  # model steps: (op, family) a failure also fails
 
 
+def conv_family(dtype: str, layout: str, k: int, stride: int, residual: bool, pool: bool) -> str:
+    """The family part of :func:`ptfast.verification.conv_class` (the class minus its ``/coutN`` bucket)."""
+    extra = ("/s2" if stride != 1 else "") + ("/residual" if residual else "")
+    return f"{dtype}/{layout}/k{k}x{k}{extra}/{'pool' if pool else 'nopool'}"
+
+
 def families(cpu: bool) -> list[Family]:
     """Every family of a first-contact run. ``cpu``: the rehearsal (fp16 only: the interpreter's bf16 dot is wrong)."""
     dtypes = ("fp16",) if cpu else DTYPES
@@ -66,8 +89,21 @@ def families(cpu: bool) -> list[Family]:
             op = "conv_relu_pool" if pool else "conv_relu"
             for dtype in dtypes:
                 for layout in ("channels_last", "nchw"):
-                    fam = f"{dtype}/{layout}/k3x3/{'pool' if pool else 'nopool'}"
-                    out.append(Family(f"{op}/{backend}/{fam}", op, backend, dtype, fam, "conv", {"layout": layout}))
+                    fam = conv_family(dtype, layout, 3, 1, False, pool)
+                    params = {"layout": layout, "k": 3, "stride": 1, "residual": False}
+                    out.append(Family(f"{op}/{backend}/{fam}", op, backend, dtype, fam, "conv", params))
+        for k, stride, residual, layouts in RESNET_CONV_FORMS:
+            for dtype in dtypes:
+                for layout in layouts:
+                    fam = conv_family(dtype, layout, k, stride, residual, False)
+                    params = {"layout": layout, "k": k, "stride": stride, "residual": residual}
+                    out.append(Family(f"conv_relu/{backend}/{fam}", "conv_relu", backend, dtype, fam, "conv", params))
+    for backend in ("triton", "cuda"):
+        for dtype in dtypes:
+            for layout in ("channels_last", "nchw"):
+                fam = f"{dtype}/{layout}"
+                out.append(Family(f"add_relu/{backend}/{fam}", "add_relu", backend, dtype, fam, "add_relu",
+                                  {"layout": layout}))  # fmt: skip
     model_dtype = "fp32" if cpu else "bf16"  # CPU autocast is bf16-only and the interpreter's bf16 dot is wrong
     for unpad in (False, True):
         attention = ("attention_varlen", "varlen") if unpad else ("attention", "key_mask")
@@ -78,7 +114,17 @@ def families(cpu: bool) -> list[Family]:
         covers = tuple((op, f"{model_dtype}/channels_last/k3x3/{tail}")
                        for op, tail in (("conv_relu", "nopool"), ("conv_relu_pool", "pool")))  # fmt: skip
         out.append(Family(f"model/{backend}/vgg", "model", backend, model_dtype, "", "vgg", {}, covers))
+    for backend in ("triton", "cuda"):
+        out.append(Family(f"model/{backend}/resnet", "model", backend, model_dtype, "", "resnet", {},
+                          tuple(("conv_relu", f) for f in resnet_model_families(model_dtype))))  # fmt: skip
     return out
+
+
+def resnet_model_families(dtype: str) -> tuple[str, ...]:
+    """The conv_relu families the tiny eval-mode Bottleneck ResNet of the ``model/*/resnet`` step runs (channels_last
+    images): the stem, each block's 1x1 conv1, its 3x3 conv2 (strided in layers 2-4) and its conv3 + residual."""
+    forms = ((7, 2, False), (1, 1, False), (3, 1, False), (3, 2, False), (1, 1, True))
+    return tuple(conv_family(dtype, "channels_last", k, s, r, False) for k, s, r in forms)
 
 
 # --- the checks (run inside the family's own process) ----------------------------------------------------------
@@ -216,25 +262,74 @@ def check_conv(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
     dtype, dev = _torch_dtype(fam.dtype), torch.device(device)
     pool = fam.op == "conv_relu_pool"
     fmt = torch.channels_last if fam.params["layout"] == "channels_last" else torch.contiguous_format
+    k, stride, residual = fam.params.get("k", 3), fam.params.get("stride", 1), fam.params.get("residual", False)
+    padding = k // 2
     n, cin, cout, hh, ww = (2, 16, 32, 9, 11) if cpu else (3, 64, 128, 19, 23)
+    if k == 7:  # the stem: an RGB image, large enough for a 7x7 window at stride 2
+        n, cin, cout, hh, ww = (2, 3, 16, 15, 13) if cpu else (3, 3, 64, 37, 41)
     g = torch.Generator().manual_seed(17)
     x = torch.randn(n, cin, hh, ww, generator=g).to(dev, dtype).contiguous(memory_format=fmt).requires_grad_()
-    w = (torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9) ** 0.5).to(dev, dtype).requires_grad_()
+    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(dev, dtype).requires_grad_()
     b = torch.randn(cout, generator=g).to(dev, dtype).requires_grad_()
+    leaves = [x, w, b]
+    kw = {}
+    if not pool:
+        ho, wo = (hh + 2 * padding - k) // stride + 1, (ww + 2 * padding - k) // stride + 1
+        r = None
+        if residual:  # the block's identity path: it gets a gradient too
+            r = torch.randn(n, cout, ho, wo, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
+            leaves.append(r.requires_grad_())
+        kw = {"stride": stride, "residual": r}
     fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
     with ptfast.use_backend(fam.backend), record_dispatch() as events:
-        out = fn(x, w, b, padding=1)
+        out = fn(x, w, b, padding=padding, **kw)
         grad = torch.randn(out.shape, generator=g).to(dev, dtype)
-        grads = torch.autograd.grad(out, (x, w, b), grad)
+        grads = torch.autograd.grad(out, leaves, grad)
     _ran(events, fam.op, fam.backend)
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
-    ref = oracle.conv_relu_ref(*leaves, padding=1, pool=pool)
-    ref_grads = torch.autograd.grad(ref, leaves, grad.cpu().double())
-    tx, tw, tb = (t.detach().requires_grad_() for t in (x, w, b))
-    theirs = F.relu(F.conv2d(tx, tw, tb, padding=1))
+    if not out.is_contiguous(memory_format=fmt):
+        raise RuleFailure(f"the output is not in the input's memory format ({fam.params['layout']})")
+    cpu_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    ref = oracle.conv_relu_ref(*cpu_leaves[:3], padding=padding, pool=pool, stride=stride,
+                               residual=cpu_leaves[3] if residual else None)  # fmt: skip
+    ref_grads = torch.autograd.grad(ref, cpu_leaves, grad.cpu().double())
+    theirs_leaves = [t.detach().requires_grad_() for t in leaves]  # PyTorch's own ops in the inputs' dtype
+    tx, tw, tb = theirs_leaves[:3]
+    z = F.conv2d(tx, tw, tb, stride=stride, padding=padding)
+    theirs = F.relu(z + theirs_leaves[3] if residual else z)
     theirs = F.max_pool2d(theirs, 2, 2) if pool else theirs
-    their_grads = torch.autograd.grad(theirs, (tx, tw, tb), grad)
-    return _rules(("out", "dx", "dweight", "dbias"), (out, *grads), (theirs, *their_grads), (ref, *ref_grads))
+    their_grads = torch.autograd.grad(theirs, theirs_leaves, grad)
+    names = ("out", "dx", "dweight", "dbias", "dresidual")[: 1 + len(leaves)]
+    return _rules(names, (out, *grads), (theirs, *their_grads), (ref, *ref_grads))
+
+
+def check_add_relu(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
+    import torch
+
+    import ptfast
+    from ptfast.testing import record_dispatch
+    from tests.oracles import conv as oracle
+
+    dtype, dev = _torch_dtype(fam.dtype), torch.device(device)
+    fmt = torch.channels_last if fam.params["layout"] == "channels_last" else torch.contiguous_format
+    shape = (2, 19, 9, 11) if cpu else (3, 67, 19, 23)
+    g = torch.Generator().manual_seed(19)
+    x, r = (torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt).requires_grad_()
+            for _ in range(2))  # fmt: skip
+    with ptfast.use_backend(fam.backend), record_dispatch() as events:
+        out = ptfast.add_relu(x, r)
+    if (fam.op, fam.backend, "forward") not in events:
+        raise RuleFailure(f"expected add_relu/{fam.backend}/forward to run, saw {sorted(set(events))}")
+    if not out.is_contiguous(memory_format=fmt):
+        raise RuleFailure(f"the output is not in the input's memory format ({fam.params['layout']})")
+    grad = torch.randn(shape, generator=g).to(dev, dtype)
+    grads = torch.autograd.grad(out, (x, r), grad)
+    x64, r64 = (t.detach().cpu().double().requires_grad_() for t in (x, r))
+    ref = oracle.add_relu_ref(x64, r64)
+    ref_grads = torch.autograd.grad(ref, (x64, r64), grad.cpu().double())
+    tx, tr = (t.detach().requires_grad_() for t in (x, r))
+    theirs = torch.relu(tx + tr)  # PyTorch's own ops in the inputs' dtype
+    their_grads = torch.autograd.grad(theirs, (tx, tr), grad)
+    return _rules(("out", "dx", "dresidual"), (out, *grads), (theirs, *their_grads), (ref, *ref_grads))
 
 
 def _model_step(model, inputs: dict[str, Any], dtype, device) -> tuple[Any, Any]:  # noqa: ANN001
@@ -282,6 +377,9 @@ def check_model(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         ops = {"attention_varlen" if fam.params["unpad"] else "attention", "masked_lm_loss"}
         patch_kw = {"unpad": fam.params["unpad"]}
+    elif fam.kind == "resnet":
+        stock, inputs, conv_calls = _tiny_resnet(cpu)
+        ops, patch_kw = {"conv_relu"}, {}
     else:
         from torch import nn
 
@@ -312,11 +410,55 @@ def check_model(fam: Family, device: str, cpu: bool) -> dict[str, Any]:
         loss, grads = _model_step(ours, on_dev, dtype, dev)
     for op in ops:
         _ran(events, op, fam.backend)
+    if fam.kind == "resnet":
+        report = ours.ptfast_patch_report
+        if report.skipped:
+            raise RuleFailure(f"the patch left convs unfused: {report.skipped}")
+        # Every fused chain (stem, each block's conv1 / conv2 / conv3 + residual) ran as one conv_relu forward, and
+        # nothing else ran a ptfast op (the downsample conv+BN is a folded F.conv2d).
+        forwards = sum(e == ("conv_relu", fam.backend, "forward") for e in events)
+        if forwards != conv_calls or {(op, b) for op, b, _ in events} != {("conv_relu", fam.backend)}:
+            raise RuleFailure(f"expected {conv_calls} conv_relu/{fam.backend} forwards and nothing else, saw "
+                              f"{forwards}: {sorted(set(events))}")  # fmt: skip
     return _rules(("loss", "grads"), (loss, grads), (their_loss, their_grads), (ref_loss, ref_grads))
+
+
+def _tiny_resnet(cpu: bool) -> tuple[Any, dict[str, Any], int]:
+    """(model, inputs, fused conv_relu calls per forward): torchvision's layout (:class:`ptfast.demo.models.ResNet`)
+    with one Bottleneck per stage, in eval mode with random BatchNorm statistics (fresh ones fold to the identity),
+    behind a cross-entropy loss; channels_last images large enough that layer4 still has 2x2 pixels."""
+    import torch
+    from torch import nn
+
+    from ptfast.demo.models import Bottleneck, ResNet
+
+    class WithLoss(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, y):  # noqa: ANN001, ANN202
+            return nn.functional.cross_entropy(self.net(x).float(), y)
+
+    layers = (1, 1, 1, 1)
+    net = ResNet(layers, 10, width=8 if cpu else 16, block=Bottleneck)
+    gen = torch.Generator().manual_seed(23)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    batch = 2 if cpu else 4
+    x = torch.randn(batch, 3, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
+    inputs = {"x": x, "y": torch.randint(0, 10, (batch,), generator=gen)}
+    return WithLoss(net).eval(), inputs, 1 + 3 * sum(layers)
 
 
 CHECKS: dict[str, Callable[[Family, str, bool], dict[str, Any]]] = {
     "attention": check_attention, "mlm": check_mlm, "conv": check_conv, "bert": check_model, "vgg": check_model,
+    "resnet": check_model, "add_relu": check_add_relu,
 }  # fmt: skip
 
 

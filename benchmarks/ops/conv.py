@@ -1,4 +1,4 @@
-"""Conv + bias + ReLU (+ 2x2 max-pool) benchmark specs: ``conv_relu`` and ``conv_relu_pool``.
+"""Conv + bias (+ residual) + ReLU (+ 2x2 max-pool) benchmark specs: ``conv_relu`` and ``conv_relu_pool``.
 
 Shapes: every distinct VGG-16 conv layer at 224x224, batch 64, bf16, channels_last. By default ``conv_relu``
 runs the layers that are *not* followed by a pool and ``conv_relu_pool`` the five that are (what a patched
@@ -6,8 +6,17 @@ VGG-16 actually calls); ``--full`` runs every layer through both ops. Each row s
 followed by a pool in VGG-16. The first layer's input is the image, so its backward computes no input gradient
 (as in training).
 
-FLOPs: 2·N·Cout·Hc·Wc·Cin·kh·kw forward; backward adds the same for the weight gradient and again for the
-input gradient (when needed). Bytes: a lower bound on memory traffic (each tensor read or written once).
+``conv_relu`` also runs ResNet layers (:data:`RESNET_LAYERS`, batch 64, 224x224 images), each a kernel
+specialization of its own: the ResNet-50 stem (7x7, stride 2), a strided 3x3 (``layer2.0.conv2``), a BasicBlock
+tail (ResNet-18 ``layer3.1.conv2``, the residual added before the ReLU), the Bottleneck 1x1s (``conv1``, and
+``conv3`` with its residual) and a downsample-like strided 1x1 (in ResNet that conv has no ReLU; the op always
+applies one). Their eager baseline is torchvision's block: ``F.conv2d``, ``add_`` of the residual, ``relu_``.
+The residual requires a gradient (it is the block's identity path).
+
+FLOPs: 2·N·Cout·Hc·Wc·Cin·kh·kw forward (Hc, Wc the strided conv output); backward adds the same for the weight
+gradient and again for the input gradient (when needed); the residual add is not counted. Bytes: a lower bound
+on memory traffic (each tensor read or written once; the residual read in the forward, its gradient written in
+the backward).
 """
 
 from __future__ import annotations
@@ -61,6 +70,25 @@ VGG16_LAYERS: list[tuple[str, int, int, int, bool]] = [
     ("conv5_1+5_2", 512, 512, 14, False),
     ("conv5_3", 512, 512, 14, True),
 ]
+# ResNet layers of conv_relu: (layer name, Cin, Cout, kernel, stride, H=W input, residual added before the
+# ReLU), most valuable first (a --time-limit cuts the last ones). Padding is kernel // 2, as in torchvision.
+RESNET_LAYERS: list[tuple[str, int, int, int, int, int, bool]] = [
+    ("resnet50 stem", 3, 64, 7, 2, 224, False),
+    ("resnet50 layer1.1.conv1", 256, 64, 1, 1, 56, False),
+    ("resnet50 layer1.1.conv3", 64, 256, 1, 1, 56, True),
+    ("resnet50 layer2.0.conv2", 128, 128, 3, 2, 56, False),
+    ("resnet18 layer3.1.conv2", 256, 256, 3, 1, 14, True),
+    ("resnet50 layer3.0.downsample-like", 512, 1024, 1, 2, 28, False),
+]
+# --quick: tiny odd sizes of each ResNet form (same order).
+RESNET_QUICK: list[tuple[str, int, int, int, int, int, bool]] = [
+    ("tiny-stem", 3, 8, 7, 2, 15, False),
+    ("tiny", 16, 8, 1, 1, 11, False),
+    ("tiny", 8, 16, 1, 1, 11, True),
+    ("tiny", 8, 16, 3, 2, 13, False),
+    ("tiny", 16, 16, 3, 1, 9, True),
+    ("tiny", 16, 32, 1, 2, 13, False),
+]
 BATCH = 64
 
 
@@ -76,34 +104,56 @@ def _triton_algos(algos: tuple[str, str, str] | None) -> Iterator[None]:
 
 
 def _case(name: str, n: int, cin: int, cout: int, hw: int, pool_after: bool, graph: bool = False) -> Case:
-    params = dict(
-        N=n, Cin=cin, Cout=cout, H=hw, W=hw, k=3, padding=1, pool_after=pool_after, x_grad=cin > 3
-    )  # the first layer's input is an image: no gradient wanted
+    # The first layer's input is an image: no gradient wanted.
+    params = dict(N=n, Cin=cin, Cout=cout, H=hw, W=hw, k=3, padding=1, pool_after=pool_after, x_grad=cin > 3)
+    params.update(stride=1, residual=False)
     return Case(f"{name} {cin}->{cout} @{hw}", params, graph=graph)
+
+
+def _resnet_case(n: int, name: str, cin: int, cout: int, k: int, stride: int, hw: int, residual: bool) -> Case:
+    """``"resnet50 stem 3->64 k7 s2 @224"``, ``"... k1 @56 +residual"``: a ResNet layer of ``conv_relu``."""
+    params = dict(
+        N=n, Cin=cin, Cout=cout, H=hw, W=hw, k=k, padding=k // 2, pool_after=False, x_grad=cin > 3,
+        stride=stride, residual=residual,
+    )  # fmt: skip
+    label = f"{name} {cin}->{cout} k{k}{f' s{stride}' if stride != 1 else ''} @{hw}{' +residual' if residual else ''}"
+    return Case(label, params, graph=_conv_hw(params)[0] <= 14)
+
+
+def resnet_case_names(quick: bool) -> tuple[str, ...]:
+    """The names of ``conv_relu``'s ResNet cases (``--quick``: their tiny versions), in benchmark order."""
+    n, layers = (2, RESNET_QUICK) if quick else (BATCH, RESNET_LAYERS)
+    return tuple(_resnet_case(n, *layer).name for layer in layers)
 
 
 def _cases(pool: bool, opts: Options) -> list[Case]:
     if opts.quick:
         if pool:
             return [_case("tiny", 2, 8, 16, 16, True, True), _case("tiny-odd", 2, 16, 16, 15, True, True)]
-        return [_case("tiny-first", 2, 3, 8, 16, False, True), _case("tiny", 2, 8, 16, 16, False, True)]
-    return [
+        vgg = [_case("tiny-first", 2, 3, 8, 16, False, True), _case("tiny", 2, 8, 16, 16, False, True)]
+        return vgg + [_resnet_case(2, *layer) for layer in RESNET_QUICK]
+    vgg = [
         _case(name, BATCH, cin, cout, hw, pool_after, graph=hw <= 14)
         for name, cin, cout, hw, pool_after in VGG16_LAYERS
         if opts.full or pool_after == pool
     ]
+    return vgg if pool else vgg + [_resnet_case(BATCH, *layer) for layer in RESNET_LAYERS]
+
+
+def _conv_hw(p: dict) -> tuple[int, int]:
+    """The convolution's output size (before any pooling)."""
+    s = p.get("stride", 1)
+    return (p["H"] + 2 * p["padding"] - p["k"]) // s + 1, (p["W"] + 2 * p["padding"] - p["k"]) // s + 1
 
 
 def _out_hw(p: dict, pool: bool) -> tuple[int, int]:
-    hc = p["H"] + 2 * p["padding"] - p["k"] + 1
-    wc = p["W"] + 2 * p["padding"] - p["k"] + 1
+    hc, wc = _conv_hw(p)
     return (hc // 2, wc // 2) if pool else (hc, wc)
 
 
 def _flops(case: Case, mode: str) -> float:
     p = case.params
-    hc = p["H"] + 2 * p["padding"] - p["k"] + 1
-    wc = p["W"] + 2 * p["padding"] - p["k"] + 1
+    hc, wc = _conv_hw(p)
     fwd = 2.0 * p["N"] * p["Cout"] * hc * wc * p["Cin"] * p["k"] * p["k"]
     if mode != "fwd+bwd":
         return fwd
@@ -118,11 +168,12 @@ def _bytes(pool: bool):  # noqa: ANN202 - returns the spec's bytes callback
         w = p["Cout"] * p["Cin"] * p["k"] * p["k"] * e
         ho, wo = _out_hw(p, pool)
         out = p["N"] * p["Cout"] * ho * wo * e
-        fwd = x + w + out
+        res = out if p.get("residual") else 0  # read in the forward; its gradient written in the backward
+        fwd = x + w + out + res
         if mode != "fwd+bwd":
             return float(fwd)
-        # backward: read grad_out, x, w (and the saved output/argmax); write dx, dw.
-        return float(fwd + out + x + w + (x if p["x_grad"] else 0) + w + out)
+        # backward: read grad_out, x, w (and the saved output/argmax); write dx, dw (and dresidual).
+        return float(fwd + out + x + w + (x if p["x_grad"] else 0) + w + out + res)
 
     return count
 
@@ -141,24 +192,32 @@ def _make_inputs(pool: bool):  # noqa: ANN202
         w.requires_grad_()
         b.requires_grad_()
         ho, wo = _out_hw(p, pool)
+        r = None
+        if p.get("residual"):  # the block's identity path: it wants its gradient
+            r = randn((p["N"], p["Cout"], ho, wo), opts, g).contiguous(memory_format=cl).requires_grad_()
         dout = randn((p["N"], p["Cout"], ho, wo), opts, g).contiguous(memory_format=cl)
-        return {"x": x, "w": w, "b": b, "dout": dout, "leaves": [x, w, b]}
+        return {"x": x, "w": w, "b": b, "r": r, "dout": dout, "leaves": [x, w, b] + ([r] if r is not None else [])}
 
     return make
 
 
-def _eager_inplace(x: Tensor, w: Tensor, b: Tensor, pool: bool) -> Tensor:
-    # torchvision's VGG: Conv2d -> ReLU(inplace=True) (-> MaxPool2d(2, 2)).
-    y = torch.relu_(F.conv2d(x, w, b, padding=1))
+def _eager_inplace(x: Tensor, w: Tensor, b: Tensor, pool: bool, p: dict, r: Tensor | None = None) -> Tensor:
+    # torchvision's VGG: Conv2d -> ReLU(inplace=True) (-> MaxPool2d(2, 2)); its ResNet blocks: conv (-> BN),
+    # out += identity, ReLU(inplace=True).
+    y = F.conv2d(x, w, b, stride=p.get("stride", 1), padding=p["padding"])
+    if r is not None:
+        y.add_(r)
+    y = torch.relu_(y)
     return F.max_pool2d(y, 2, 2) if pool else y
 
 
-def _plain_relu(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    return torch.relu(F.conv2d(x, w, b, padding=1))
+def _plain_relu(x: Tensor, w: Tensor, b: Tensor, stride: int, padding: int, r: Tensor | None) -> Tensor:
+    y = F.conv2d(x, w, b, stride=stride, padding=padding)
+    return torch.relu(y + r if r is not None else y)
 
 
-def _plain_relu_pool(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    return F.max_pool2d(torch.relu(F.conv2d(x, w, b, padding=1)), 2, 2)
+def _plain_relu_pool(x: Tensor, w: Tensor, b: Tensor, stride: int, padding: int, r: Tensor | None) -> Tensor:
+    return F.max_pool2d(torch.relu(F.conv2d(x, w, b, stride=stride, padding=padding)), 2, 2)
 
 
 def _providers(pool: bool):  # noqa: ANN202
@@ -171,9 +230,13 @@ def _providers(pool: bool):  # noqa: ANN202
             ptfast = import_ptfast()
             fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
 
+            p = case.params
+            # conv_relu_pool takes neither a stride nor a residual (its cases have neither).
+            kw = {} if pool else {"stride": p.get("stride", 1), "residual": inp.get("r")}
+
             def fwd() -> Tensor:
                 with ptfast.use_backend(backend), _triton_algos(algos):
-                    return fn(inp["x"], inp["w"], inp["b"], padding=case.params["padding"])
+                    return fn(inp["x"], inp["w"], inp["b"], padding=p["padding"], **kw)
 
             return make_step(fwd, inp["leaves"], mode, inp["dout"])
 
@@ -186,11 +249,13 @@ def _providers(pool: bool):  # noqa: ANN202
     def eager() -> Provider:
         def build(case: Case, inp: Inputs, mode: str) -> Step:
             def fwd() -> Tensor:
-                return _eager_inplace(inp["x"], inp["w"], inp["b"], pool)
+                return _eager_inplace(inp["x"], inp["w"], inp["b"], pool, case.params, inp.get("r"))
 
             return make_step(fwd, inp["leaves"], mode, inp["dout"])
 
         desc = "eager cuDNN conv2d (bias inside) + relu_" + (" + max_pool2d(2, 2)" if pool else "")
+        if not pool:  # torchvision's ResNet block: out += identity; relu(out)
+            desc = "eager cuDNN conv2d (bias inside) + add_(residual) (ResNet layers with one) + relu_"
         return Provider("eager", "pytorch", desc + ", cudnn.benchmark=True", build)
 
     def compile_provider(mode_name: str | None, opts: Options) -> Provider:
@@ -201,9 +266,10 @@ def _providers(pool: bool):  # noqa: ANN202
             if mode_name == "max-autotune" and not opts.max_autotune:
                 raise Skip("max-autotune is slow to compile: pass --max-autotune")
             fn = compiled(_plain_relu_pool if pool else _plain_relu, mode=mode_name)
+            stride, padding = case.params.get("stride", 1), case.params["padding"]
 
             def fwd() -> Tensor:
-                return fn(inp["x"], inp["w"], inp["b"])
+                return fn(inp["x"], inp["w"], inp["b"], stride, padding, inp.get("r"))
 
             return make_step(fwd, inp["leaves"], mode, inp["dout"])
 
@@ -222,11 +288,14 @@ def _providers(pool: bool):  # noqa: ANN202
                 raise Skip("cuDNN needs CUDA")
             if mode == "fwd+bwd":
                 raise Skip("no autograd formula (forward only)")
+            if inp.get("r") is not None:
+                raise Skip("cudnn_convolution_relu has no residual input (relu(conv + bias) only)")
             x, w, b = inp["x"], inp["w"], inp["b"]
+            stride, padding = case.params.get("stride", 1), case.params["padding"]
 
             def fwd() -> Tensor:
                 with torch.no_grad():  # no autograd formula: run as inference even in "fwd" mode
-                    return fn(x, w, b, [1, 1], [case.params["padding"]] * 2, [1, 1], 1)
+                    return fn(x, w, b, [stride] * 2, [padding] * 2, [1, 1], 1)
 
             return fwd
 
@@ -254,10 +323,20 @@ def _setup(opts: Options) -> contextlib.AbstractContextManager[None]:
 
 def _spec(pool: bool) -> OpSpec:
     name = "conv_relu_pool" if pool else "conv_relu"
-    what = "conv + bias + ReLU + 2x2 max-pool" if pool else "conv + bias + ReLU"
+    what = "conv + bias + ReLU + 2x2 max-pool" if pool else "conv + bias (+ residual) + ReLU"
+    layers = "VGG-16 layers" if pool else "VGG-16 and ResNet layers"
+    doc = (
+        "N batch, Cin->Cout channels, H=W input size, 3x3 kernel, padding 1; pool_after: the layer is "
+        "followed by a 2x2 max-pool in VGG-16; x_grad: the input gradient is computed in the backward."
+    )
+    if not pool:
+        doc += (
+            " ResNet layers: kN the kernel (padding N // 2), sS the stride (1 when absent), +residual: a "
+            "residual of the output's shape is added before the ReLU and gets a gradient."
+        )
     return OpSpec(
         name=name,
-        title=f"{what} (bf16, channels_last, VGG-16 layers): ptfast vs eager cuDNN and torch.compile",
+        title=f"{what} (bf16, channels_last, {layers}): ptfast vs eager cuDNN and torch.compile",
         cases=lambda opts: _cases(pool, opts),
         make_inputs=_make_inputs(pool),
         providers=_providers(pool),
@@ -266,8 +345,7 @@ def _spec(pool: bool) -> OpSpec:
         baseline="eager",
         reference=("eager", "ptfast[torch]"),
         setup=_setup,
-        case_doc="N batch, Cin->Cout channels, H=W input size, 3x3 kernel, padding 1; pool_after: the layer is "
-        "followed by a 2x2 max-pool in VGG-16; x_grad: the input gradient is computed in the backward.",
+        case_doc=doc,
     )
 
 
