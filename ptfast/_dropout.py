@@ -36,15 +36,17 @@ The seed is an int64 tensor of shape ``(2,)`` on the query's device, drawn per c
 (so ``torch.manual_seed`` reproduces a call, ``torch.compile`` traces it, and CUDA-graph replays draw fresh
 words); ops take it as an input and autograd saves it for backward.
 
-The torch implementation below emulates uint32 on int64 tensors: every value is kept in [0, 2**32) by masking
-after each add/multiply, and multiplications are split into 16-bit halves so no int64 product overflows.
+The torch implementation below computes in int32 tensors holding the uint32 bit patterns: int32 adds and
+multiplies wrap modulo 2**32 (two's complement, on CPU and CUDA), right shifts are made logical by masking off the
+sign-extended bits, and the final ``u >= T`` is an unsigned comparison done in signed arithmetic by flipping both
+sides' top bit: four bytes per element and one op per spec step, where the int64 emulation it replaced needed
+16-bit split multiplies and a mask after every step.
 """
 
 from __future__ import annotations
 
 import torch
 
-MASK32 = 0xFFFFFFFF
 FMIX_C1 = 0x85EBCA6B
 FMIX_C2 = 0xC2B2AE35
 C_BATCH = 0x9E3779B1
@@ -64,41 +66,59 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, SEED_BOUND, (2,), device=device, dtype=torch.int64)
 
 
+_I32 = torch.int32
+_TOP_BIT = -(2**31)  # 0x80000000 as an int32
+
+
+def _signed(c: int) -> int:
+    """The int32 with the bit pattern of the uint32 ``c``."""
+    return c - 2**32 if c >= 2**31 else c
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (hi * 2**16 + lo) * c mod 2**32 == (lo * c + ((hi * c) mod 2**16) * 2**16) mod 2**32; every product < 2**48.
-    lo = x & 0xFFFF
-    hi = x >> 16
-    hi.mul_(c).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return lo.mul_(c).add_(hi).bitwise_and_(MASK32)
+    return x * _signed(c)  # int32 products wrap modulo 2**32: the low word of the uint32 product
+
+
+def _xor_srl_(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``x ^= x >> s`` with a logical shift (the arithmetic shift's sign copies masked off), in place."""
+    return x.bitwise_xor_((x >> s).bitwise_and_((1 << (32 - s)) - 1))
 
 
 def fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finalizer on int64 tensors holding uint32 values (returns a new tensor)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, FMIX_C1)
-    x ^= x >> 13
-    x = _mul32(x, FMIX_C2)
-    x ^= x >> 16
-    return x
+    """MurmurHash3's finalizer on int32 tensors holding uint32 bit patterns (returns a new tensor)."""
+    x = _xor_srl_(x.clone(), 16)
+    x.mul_(_signed(FMIX_C1))
+    _xor_srl_(x, 13)
+    x.mul_(_signed(FMIX_C2))
+    return _xor_srl_(x, 16)
+
+
+def _index32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_I32)  # indices and seed words are < 2**31: the same bit pattern
 
 
 def row_keys(seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """``k_row`` for broadcastable int64 index tensors ``b``, ``h``, ``i`` (no host sync: seed stays on device)."""
-    s0, s1 = seed[0], seed[1]
-    k = fmix32((s0 + _mul32(b & MASK32, C_BATCH)) & MASK32)
-    k = fmix32(k ^ _mul32(h & MASK32, C_HEAD))
-    return fmix32(k ^ ((s1 + _mul32(i & MASK32, C_ROW)) & MASK32))
+    """``k_row`` (int32 bit patterns) for broadcastable integer index tensors ``b``, ``h``, ``i`` (no host sync:
+    the seed stays on its device)."""
+    s = _index32(seed)
+    k = fmix32(s[0] + _mul32(_index32(b), C_BATCH))
+    k = fmix32(k ^ _mul32(_index32(h), C_HEAD))
+    return fmix32(k ^ (s[1] + _mul32(_index32(i), C_ROW)))
 
 
 def col_terms(j: torch.Tensor) -> torch.Tensor:
-    """``j * C_COL mod 2**32`` for an int64 index tensor ``j`` (computed once per call, reused by every row)."""
-    return _mul32(j & MASK32, C_COL)
+    """``j * C_COL mod 2**32`` (int32 bit patterns) for an integer index tensor ``j`` (computed once per call,
+    reused by every row)."""
+    return _mul32(_index32(j), C_COL)
 
 
 def keep_from_keys(k_row: torch.Tensor, col: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean keep mask, the broadcast of ``k_row`` (``(..., R, 1)``) against ``col`` (``(C,)``)."""
-    u = fmix32((k_row + col) & MASK32)
-    return u >= threshold(p)
+    t = threshold(p)
+    if t >= 2**32:  # p == 1: no uint32 reaches T
+        return torch.zeros(torch.broadcast_shapes(k_row.shape, col.shape), dtype=torch.bool, device=k_row.device)
+    u = fmix32(k_row + col)
+    return u.bitwise_xor_(_TOP_BIT) >= t - 2**31  # unsigned u >= T, both shifted by 2**31 into int32
 
 
 def keep_mask(

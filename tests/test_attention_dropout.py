@@ -46,6 +46,32 @@ def test_torch_hash_equals_numpy_spec():
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("p", [0.01, 0.5, 0.9, 0.999999])
+def test_torch_hash_equals_numpy_spec_with_large_indices(p):
+    """The int32 arithmetic's wrap-around, sign-bit shifts and unsigned comparison, at every threshold range and at
+    batch/row/column indices whose products overflow 32 bits many times over."""
+    seed = torch.tensor([2**31 - 2, 987654321], dtype=torch.int64)
+    b = torch.arange(3).view(-1, 1, 1, 1) + 70001
+    h = torch.arange(5).view(1, -1, 1, 1)
+    i = torch.arange(37).view(1, 1, -1, 1)
+    ours = _dropout.keep_mask(seed, p, b, h, i, torch.arange(61))
+    assert torch.equal(ours, oracle.keep_mask((2**31 - 2, 987654321), p, 3, 5, 37, 61, b_offset=70001))
+    big_rows = _dropout.keep_mask(seed, p, b[:1], h[:, :1], i + 2**30, torch.arange(61) + 2**30)
+    assert big_rows.float().mean().item() == pytest.approx(1 - p, abs=0.2)
+
+
+def test_p_one_keeps_nothing():
+    keep = _dropout.keep_mask(
+        torch.tensor([5, 6]),
+        1.0,
+        torch.zeros(2, 1, 1, 1, dtype=torch.int64),
+        torch.arange(3).view(1, -1, 1, 1),
+        torch.arange(4).view(1, 1, -1, 1),
+        torch.arange(5),
+    )
+    assert keep.shape == (2, 3, 4, 5) and not keep.any()
+
+
 def test_keep_rate_and_independence_across_batch_and_heads():
     seed = _dropout.draw_seed(torch.device("cpu"))
     keep = _dropout.keep_mask(
