@@ -68,5 +68,10 @@ def check_edge_cases(backend: str, dtype, device="cpu") -> None:
         assert torch.count_nonzero(dx) == 0 and not torch.isnan(dx).any()
         y = torch.randn(2, 3, 5, 7, device=device, dtype=dtype)
         y[1, 2, 3, 4] = float("nan")
+        y.requires_grad_()
         out = ptfast.add_relu(y, torch.ones_like(y))
         assert torch.isnan(out[1, 2, 3, 4]) and torch.isnan(out).sum() == 1
+        # ReLU's backward (threshold_backward), as stock's relu: the gradient passes at the NaN output
+        grad = torch.rand_like(y) + 0.5
+        (dy,) = torch.autograd.grad(out, y, grad)
+        assert dy[1, 2, 3, 4] == grad[1, 2, 3, 4]

@@ -79,7 +79,9 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
         residual: x's shape and dtype (any layout: it is read in x's).
 
     Returns:
-        ``(N, C, H, W)`` in x's memory format and dtype. NaN propagates, like ``torch.relu``.
+        ``(N, C, H, W)`` in x's memory format and dtype. NaN propagates, like ``torch.relu``; so does the
+        gradient at a NaN output (ReLU's own backward, which masks only where the output is <= 0; ``conv_relu``'s
+        fused backward masks with ``out > 0`` instead).
     """
     _validate(x, residual)
     fmt = memory_format(x)
