@@ -183,23 +183,12 @@ def test_compile_fullgraph_matches_eager(pool):
 def test_opcheck(pool, need_argmax, channels_last):
     # channels_last: the backward's fake kernel must promise dx in x's layout (it once said contiguous).
     x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8, channels_last=channels_last)
-    # A pooled forward without its argmax is what the wrapper runs when nothing needs a gradient (its backward
-    # cannot route one and refuses to).
-    weight.requires_grad_(need_argmax or not pool)
+    weight.requires_grad_()
     opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, None, 1, 1, pool, need_argmax and pool, "torch"))
     out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, None, 1, 1, pool, pool, "torch")
     grad = torch.randn_like(out)
     args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, 1, pool, True, True, True, False)
     opcheck(torch.ops.ptfast.conv_relu_backward.default, (*args, "torch"))
-
-
-def test_pooled_backward_without_argmax_is_refused():
-    x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8)
-    out, argmax = torch.ops.ptfast.conv_relu(x, weight, b, None, 1, 1, True, False, "torch")
-    assert argmax.numel() == 0
-    args = (torch.ones_like(out), out, argmax, x, weight, list(x.shape), False, 1, 1, True, True, True, True, False)
-    with pytest.raises(RuntimeError, match="without its argmax"):
-        torch.ops.ptfast.conv_relu_backward(*args, "torch")
 
 
 @pytest.mark.parametrize(
