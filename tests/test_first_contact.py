@@ -283,3 +283,31 @@ def test_headline_budget() -> None:
     assert headline.limits(inv, headline.START_UP_S + inv.seconds / 2 - 1) is None
     cmd = headline.command(inv, cpu=False, out_dir=Path("/tmp/x"), python="python", seconds=7)
     assert cmd[cmd.index("--time-limit") + 1] == "7"
+
+
+@pytest.mark.parametrize("name", [s.name for s in tier.SLICES])
+def test_tier_slice_runs_only_its_own_files(name: str) -> None:
+    """``gpu_run.sh tests-slice`` calls ``tests/run.py --gpu -m gpu ARGS``: the files of the slice must replace
+    the default root (on the first GPU run, a slice collected the whole GPU tier and ran out of time)."""
+    from tests import run
+
+    args = tier.slice_args(name)
+    runs = run.plan(["--gpu", "-m", "gpu", *args, "--junitxml=/tmp/x.xml"])
+    assert len(runs) == 1
+    _, pytest_args, interpreter = runs[0]
+    files = [a for a in args if a.startswith("tests/")]
+    assert not interpreter and "tests" not in pytest_args
+    assert [a for a in pytest_args if a.startswith("tests")] == files
+
+
+def test_run_script_defaults_and_interpreter_targets() -> None:
+    from tests import run
+
+    main, interp = run.plan([])
+    assert main[1][-1] == "tests" and not main[2]
+    assert interp[1][-1].endswith("interpreter") and interp[2]
+    runs = run.plan(["tests/interpreter/test_triton_add_relu.py::test_x", "-k", "tests/test_conv.py", "-x"])
+    assert [(args[2:], interp) for _, args, interp in runs] == [
+        (["tests/interpreter/test_triton_add_relu.py::test_x", "-k", "tests/test_conv.py", "-x"], True)
+    ]
+    assert [r[1][-1] for r in run.plan(["--gpu"])] == ["tests"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,13 +189,28 @@ def test_build_from_smoke_and_bench_rows() -> None:
     assert any("verified, faster" in line and "NVIDIA H200" in line for line in lines)
 
 
+_DT = r"(bf16|fp16|fp32)"
+_CLASS_FORMS = {
+    "attention": _DT + r"/d\d+/[a-z_+]+/L\d+",
+    "attention_varlen": _DT + r"/d\d+/[a-z_+]+/L\d+",
+    "masked_lm_loss": _DT + r"/E\d+",
+    "conv_relu": _DT + r"/(channels_last|nchw)/k\d+x\d+(/s\d+)?(/residual)?/(pool|nopool)/cout\d+",
+    "conv_relu_pool": _DT + r"/(channels_last|nchw)/k\d+x\d+(/s\d+)?(/residual)?/(pool|nopool)/cout\d+",
+    "add_relu": _DT + r"/(channels_last|nchw)/n\d+M",
+}
+
+
 def test_committed_record_is_valid() -> None:
     data = json.loads(verification.RECORD_PATH.read_text())
     record = Record.from_json(data)
     for e in record.entries:
         assert e.run in record.runs, e
         assert e.gpu_class.startswith("sm") and e.op in verification.SHAPE_CLASS_OPS, e
-        assert e.shape_class.count("/") >= 2, e
+        # The form each op's class function writes (masked_lm_loss has only two parts: dtype and hidden size).
+        assert re.fullmatch(_CLASS_FORMS[e.op], e.shape_class), e
+        assert e.tests in ("passed", "not run") or e.tests.startswith("failed: "), e
+    for run in record.runs.values():
+        assert {"device", "gpu_class", "date", "commit", "torch", "triton"} <= set(run), run
     with pytest.raises(ValueError, match="schema"):
         Record.from_json({**data, "schema": 99})
 
