@@ -109,6 +109,9 @@ class OpSpec:
     step_doc: str = ""
     #: Extra entries for the results' metadata (e.g. which implementation of a model was built), shown in the report.
     metadata: Callable[[Options], dict[str, Any]] | None = None
+    #: --check-backends tolerance on fwd+bwd gradients by dtype, where the run's generic bound does not fit the op
+    #: (e.g. a max-pool: bf16 ties decided differently by two correct kernels move whole gradients).
+    grads_check_tol: dict[Any, float] = field(default_factory=dict)
 
 
 def make_step(forward: Callable[[], Any], leaves: Sequence[Tensor], mode: str, grad: Tensor | None) -> Step:

@@ -322,9 +322,12 @@ def _throughput(rec: dict[str, Any], spec: OpSpec, case: Case) -> None:
             rec[f"{key}items_per_s"] = items / sec
 
 
-def _check(recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor], tol: float) -> None:
+def _check(
+    recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor], tol: float, grads_tol: float | None = None
+) -> None:
     """--check-backends: each ptfast provider's forward output (or, in fwd+bwd, its gradients) against its torch
-    twin's, relative error within ``tol`` (CHECK_TOL of the run's dtype); the result goes to ``rec["check"]``."""
+    twin's, relative error within ``tol`` (CHECK_TOL of the run's dtype; ``grads_tol`` for gradients when the op
+    sets one); the result goes to ``rec["check"]``."""
     for rec in recs:
         twin = torch_twin(rec["provider"])
         if twin is None or rec["status"] != "ok" or rec.get("derived_from"):
@@ -342,16 +345,22 @@ def _check(recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor], tol: fl
             continue
         ref64 = ref.double()
         err = (out.double() - ref64).norm().item() / (ref64.norm().item() or 1.0)
-        rec["check"] = {"against": twin, "what": "grads" if key else "output", "rel_err": err, "tol": tol,
-                        "passed": bool(err <= tol)}  # fmt: skip
+        bound = grads_tol if key and grads_tol is not None else tol
+        rec["check"] = {"against": twin, "what": "grads" if key else "output", "rel_err": err, "tol": bound,
+                        "passed": bool(err <= bound)}  # fmt: skip
 
 
 def _finish_case(
-    spec: OpSpec, case: Case, recs: list[dict[str, Any]], outputs: dict[str, torch.Tensor], check_tol: float = 0.0
+    spec: OpSpec,
+    case: Case,
+    recs: list[dict[str, Any]],
+    outputs: dict[str, torch.Tensor],
+    check_tol: float = 0.0,
+    grads_check_tol: float | None = None,
 ) -> None:
     """Derived best-of rows, throughput, speed-up vs the baseline and error vs the reference output (and the
     --check-backends checks, which compare only what was stored for them)."""
-    _check(recs, outputs, check_tol)
+    _check(recs, outputs, check_tol, grads_check_tol)
     for rec in recs:
         if rec["status"] == "ok":
             _throughput(rec, spec, case)
@@ -468,7 +477,9 @@ def run_op(
                     rec = runner.measure(spec, case, prov, mode, sets, flush, outputs)
                     recs.append(rec)
                     log("  " + _line(rec))
-            _finish_case(spec, case, recs, outputs, CHECK_TOL.get(opts.dtype, 3e-2))
+            _finish_case(
+                spec, case, recs, outputs, CHECK_TOL.get(opts.dtype, 3e-2), spec.grads_check_tol.get(opts.dtype)
+            )
             for rec in recs:
                 if rec.get("check") and not rec["check"]["passed"]:
                     log(f"  CHECK FAILED {rec['mode']} {rec['provider']} vs {rec['check']['against']}: {rec['check']}")

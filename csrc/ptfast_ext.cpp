@@ -178,9 +178,13 @@ std::tuple<at::Tensor, at::Tensor> pool_relu_backward(const at::Tensor& grad, co
               "ptfast._C.pool_relu_backward: argmax must have out's memory format");
   const at::Tensor g = grad.contiguous(fmt);  // autograd may hand any strides
   const int64_t n = out.size(0), c = out.size(1);
-  // The kernel writes every 2x2 window; rows/columns the pool floored away must start at 0.
-  at::Tensor g_conv = (h % 2 || w % 2) ? at::zeros({n, c, h, w}, out.options().memory_format(fmt))
-                                       : at::empty({n, c, h, w}, out.options().memory_format(fmt));
+  // at::empty, not at::zeros: zeros drops the memory format of its options and returns NCHW, into which the
+  // kernel's channels_last offsets would scatter the gradient (seen on the first GPU run, odd sizes only).
+  at::Tensor g_conv = at::empty({n, c, h, w}, out.options().memory_format(fmt));
+  TORCH_CHECK(layout_of(g_conv, "g_conv") == layout, "ptfast._C.pool_relu_backward: g_conv lost out's layout");
+  if (h % 2 || w % 2) {
+    g_conv.zero_();  // the kernel writes every 2x2 window; rows/columns the pool floored away must be 0
+  }
   at::Tensor dbias = need_dbias ? at::empty({c}, out.options().dtype(at::kFloat)) : at::empty({0}, out.options());
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();

@@ -346,6 +346,11 @@ def _spec(pool: bool) -> OpSpec:
         reference=("eager", "ptfast[torch]"),
         setup=_setup,
         case_doc=doc,
+        # Two correct bf16/fp16 convs differ in the last bit, which decides some 2x2 windows' maximum (ties at
+        # half precision are common): each such window sends its gradient to another pixel. The first H200 run
+        # measured 3.7% between the Triton and cuDNN paths at VGG sizes; a misplaced gradient gives ~141%. The
+        # precision rule proper is the GPU smoke's, against float64.
+        grads_check_tol={torch.float16: 0.1, torch.bfloat16: 0.1} if pool else {},
     )
 
 
