@@ -8,6 +8,7 @@ attention function is also called directly to check the mask forms, grouped-quer
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -258,12 +259,14 @@ def test_causal_decoder_matches_eager(padding: str) -> None:
 def test_kv_cache_decoding_aligns_causal_bottom_right() -> None:
     ref, ours = _pair(transformers.BertModel, is_decoder=True)
     ids = torch.randint(1, VOCAB, (2, 12))
+    # transformers 5.25 renamed past_key_values to cache (input and output; the old name warns until 5.40).
+    name = "cache" if "cache" in inspect.signature(transformers.BertModel.forward).parameters else "past_key_values"
     results = []
     for model in (ours, ref):
         with torch.no_grad(), ptfast.use_backend("torch"):
             first = model(input_ids=ids[:, :7], use_cache=True)
-            chunk = model(input_ids=ids[:, 7:11], past_key_values=first.past_key_values, use_cache=True)  # Lq=4, Lk=11
-            step = model(input_ids=ids[:, 11:], past_key_values=chunk.past_key_values, use_cache=True)  # Lq=1, Lk=12
+            chunk = model(input_ids=ids[:, 7:11], **{name: getattr(first, name)}, use_cache=True)  # Lq=4, Lk=11
+            step = model(input_ids=ids[:, 11:], **{name: getattr(chunk, name)}, use_cache=True)  # Lq=1, Lk=12
         results.append([first.last_hidden_state, chunk.last_hidden_state, step.last_hidden_state])
     for name, a, b in zip(("prefill", "chunk", "step"), *results, strict=True):
         assert_close64(a, b, f"{name} with KV cache", TOL)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation, verification
+from ptfast._eager import RegisteredOp
 from ptfast.backends.cuda import add_relu as cuda_add_relu
 from ptfast.backends.torch import add_relu as torch_add_relu
 from ptfast.backends.torch.conv import memory_format
@@ -33,13 +34,15 @@ def _fault_key(x: Tensor, channels_last: bool) -> tuple:
     return (x.device, x.dtype, channels_last)
 
 
-@torch.library.custom_op("ptfast::add_relu", mutates_args=())
-def _add_relu_op(x: Tensor, residual: Tensor, backend: str) -> Tensor:
+def _add_relu_impl(x: Tensor, residual: Tensor, backend: str) -> Tensor:
     key = _fault_key(x, memory_format(x) == torch.channels_last)
     return _dispatch.run(OP, "forward", backend, _IMPLS, key, lambda impl: impl.forward(x, residual))
 
 
-@_add_relu_op.register_fake
+ADD_RELU = RegisteredOp("ptfast::add_relu", _add_relu_impl)
+
+
+@ADD_RELU.register_fake
 def _(x, residual, backend):
     return torch.empty_like(x, memory_format=memory_format(x))
 
@@ -54,7 +57,7 @@ def _backward(ctx, grad: Tensor):
     return g if ctx.needs_input_grad[0] else None, g if ctx.needs_input_grad[1] else None, None
 
 
-_add_relu_op.register_autograd(_backward, setup_context=_setup_context)
+ADD_RELU.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(x: object, residual: object) -> None:
@@ -93,4 +96,4 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
         OP, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last),
         device=x.device, shape_class=shape_class, x=x, residual=residual,
     )  # fmt: skip
-    return torch.ops.ptfast.add_relu(x, residual, backend)
+    return ADD_RELU(x, residual, backend)

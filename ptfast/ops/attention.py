@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _dropout, _validation, verification
+from ptfast._eager import RegisteredOp
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import attention as torch_attention
 from ptfast.backends.torch import attention_varlen as torch_attention_varlen
@@ -78,8 +79,7 @@ def _mask_kinds(attn_mask: Tensor | None, key_mask: Tensor | None) -> tuple:
 # --- padded attention -------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ptfast::attention", mutates_args=())
-def _attention_op(
+def _attention_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -99,14 +99,16 @@ def _attention_op(
     return out, _promised_lse(_IMPLS, backend, lse, q, q.shape[:3])
 
 
-@_attention_op.register_fake
+ATTENTION = RegisteredOp("ptfast::attention", _attention_impl)
+
+
+@ATTENTION.register_fake
 def _(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
     B, H, Lq, _ = q.shape
     return q.new_empty((B, H, Lq, v.shape[-1])), _lse(_IMPLS, backend, q, (B, H, Lq))
 
 
-@torch.library.custom_op("ptfast::attention_backward", mutates_args=())
-def _attention_backward_op(
+def _attention_backward_impl(
     grad: Tensor,
     q: Tensor,
     k: Tensor,
@@ -128,7 +130,10 @@ def _attention_backward_op(
     )  # fmt: skip
 
 
-@_attention_backward_op.register_fake
+ATTENTION_BACKWARD = RegisteredOp("ptfast::attention_backward", _attention_backward_impl)
+
+
+@ATTENTION_BACKWARD.register_fake
 def _(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -143,20 +148,19 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attn_mask, key_mask, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ptfast.attention_backward(
+    dq, dk, dv = ATTENTION_BACKWARD(
         grad_out, q, k, v, out, lse, attn_mask, key_mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.backend
     )
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+ATTENTION.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- packed (varlen) attention ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ptfast::attention_varlen", mutates_args=())
-def _attention_varlen_op(
+def _attention_varlen_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -179,14 +183,16 @@ def _attention_varlen_op(
     return out, _promised_lse(_VARLEN_IMPLS, backend, lse, q, (q.shape[1], q.shape[0]))
 
 
-@_attention_varlen_op.register_fake
+ATTENTION_VARLEN = RegisteredOp("ptfast::attention_varlen", _attention_varlen_impl)
+
+
+@ATTENTION_VARLEN.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p, is_causal, scale, backend):
     total_q, H, _ = q.shape
     return q.new_empty((total_q, H, v.shape[-1])), _lse(_VARLEN_IMPLS, backend, q, (H, total_q))
 
 
-@torch.library.custom_op("ptfast::attention_varlen_backward", mutates_args=())
-def _attention_varlen_backward_op(
+def _attention_varlen_backward_impl(
     grad: Tensor,
     q: Tensor,
     k: Tensor,
@@ -212,7 +218,10 @@ def _attention_varlen_backward_op(
     )  # fmt: skip
 
 
-@_attention_varlen_backward_op.register_fake
+ATTENTION_VARLEN_BACKWARD = RegisteredOp("ptfast::attention_varlen_backward", _attention_varlen_backward_impl)
+
+
+@ATTENTION_VARLEN_BACKWARD.register_fake
 def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, dropout_p, is_causal, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -228,14 +237,14 @@ def _varlen_setup_context(ctx, inputs, output) -> None:
 
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ptfast.attention_varlen_backward(
+    dq, dk, dv = ATTENTION_VARLEN_BACKWARD(
         grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, seed,
         ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.backend,
     )  # fmt: skip
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-_attention_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+ATTENTION_VARLEN.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
 # --- validation and input preparation ---------------------------------------------------------------------
@@ -473,9 +482,7 @@ def attention(
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
     seed = _seed(dropout_p, query.device)
-    out, _ = torch.ops.ptfast.attention(
-        query, key, value, mask, key_mask, seed, float(dropout_p), bool(is_causal), scale_f, backend
-    )
+    out, _ = ATTENTION(query, key, value, mask, key_mask, seed, float(dropout_p), bool(is_causal), scale_f, backend)
     return out
 
 
@@ -526,7 +533,7 @@ def attention_varlen(
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
     seed = _seed(dropout_p, query.device)
-    out, _ = torch.ops.ptfast.attention_varlen(
+    out, _ = ATTENTION_VARLEN(
         query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seed,
         float(dropout_p), bool(is_causal), scale_f, backend,
     )  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation, verification
+from ptfast._eager import RegisteredOp
 from ptfast.backends.cuda import conv as cuda_conv
 from ptfast.backends.torch import conv as torch_conv
 from ptfast.backends.triton import conv as triton_conv
@@ -49,8 +50,7 @@ def _format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-@torch.library.custom_op("ptfast::conv_relu", mutates_args=())
-def _conv_relu_op(
+def _conv_relu_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -68,7 +68,10 @@ def _conv_relu_op(
     )  # fmt: skip
 
 
-@_conv_relu_op.register_fake
+CONV_RELU = RegisteredOp("ptfast::conv_relu", _conv_relu_impl)
+
+
+@CONV_RELU.register_fake
 def _(x, weight, bias, residual, stride, padding, pool, need_argmax, backend):
     hc, wc = torch_conv.conv_hw(x.shape, weight.shape, stride, padding)
     shape = (x.shape[0], weight.shape[0], hc // 2, wc // 2) if pool else (x.shape[0], weight.shape[0], hc, wc)
@@ -79,8 +82,7 @@ def _(x, weight, bias, residual, stride, padding, pool, need_argmax, backend):
     return out, x.new_empty(0, dtype=torch.uint8)
 
 
-@torch.library.custom_op("ptfast::conv_relu_backward", mutates_args=())
-def _conv_relu_backward_op(
+def _conv_relu_backward_impl(
     grad: Tensor,
     out: Tensor,
     argmax: Tensor,
@@ -114,7 +116,10 @@ def _conv_relu_backward_op(
     )
 
 
-@_conv_relu_backward_op.register_fake
+CONV_RELU_BACKWARD = RegisteredOp("ptfast::conv_relu_backward", _conv_relu_backward_impl)
+
+
+@CONV_RELU_BACKWARD.register_fake
 def _(grad, out, argmax, x, weight, x_shape, x_channels_last, stride, padding, pool, *needs_and_backend):
     need_dx, need_dw, need_db, need_dres, _backend = needs_and_backend
     like = dict(dtype=weight.dtype, device=weight.device)
@@ -140,7 +145,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, _grad_argmax):
     out, argmax, x, weight = ctx.saved_tensors
     need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
-    dx, dw, db, dres = torch.ops.ptfast.conv_relu_backward(
+    dx, dw, db, dres = CONV_RELU_BACKWARD(
         grad_out,
         out,
         argmax,
@@ -161,7 +166,7 @@ def _backward(ctx, grad_out, _grad_argmax):
     return (*grads, dres if need_dres else None, None, None, None, None, None)
 
 
-_conv_relu_op.register_autograd(_backward, setup_context=_setup_context)
+CONV_RELU.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(
@@ -230,7 +235,7 @@ def _conv_relu(
         x=x, weight=weight, bias=bias, residual=residual, stride=stride, padding=padding, pool=pool,
     )  # fmt: skip
     need_argmax = pool and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    out, _ = torch.ops.ptfast.conv_relu(x, weight, bias, residual, stride, padding, pool, need_argmax, backend)
+    out, _ = CONV_RELU(x, weight, bias, residual, stride, padding, pool, need_argmax, backend)
     return out
 
 

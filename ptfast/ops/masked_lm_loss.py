@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation, verification
+from ptfast._eager import RegisteredOp
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import masked_lm_loss as torch_mlm
 from ptfast.backends.triton import masked_lm_loss as triton_mlm
@@ -59,8 +60,7 @@ def _fault_key(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
     return (hidden.device, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, int(hidden.shape[-1]))
 
 
-@torch.library.custom_op("ptfast::masked_lm_loss", mutates_args=())
-def _mlm_op(
+def _mlm_impl(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -75,15 +75,17 @@ def _mlm_op(
     )  # fmt: skip
 
 
-@_mlm_op.register_fake
+MASKED_LM_LOSS = RegisteredOp("ptfast::masked_lm_loss", _mlm_impl)
+
+
+@MASKED_LM_LOSS.register_fake
 def _(hidden, weight, labels, bias, ignore_index, label_smoothing, backend):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
 
 
-@torch.library.custom_op("ptfast::masked_lm_loss_backward", mutates_args=())
-def _mlm_backward_op(
+def _mlm_backward_impl(
     grad: Tensor,
     hidden: Tensor,
     weight: Tensor,
@@ -114,7 +116,10 @@ def _mlm_backward_op(
     )
 
 
-@_mlm_backward_op.register_fake
+MASKED_LM_LOSS_BACKWARD = RegisteredOp("ptfast::masked_lm_loss_backward", _mlm_backward_impl)
+
+
+@MASKED_LM_LOSS_BACKWARD.register_fake
 def _(
     grad,
     hidden,
@@ -150,7 +155,7 @@ def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
     hidden, weight, labels, bias, row_max, log_sum = ctx.saved_tensors
     need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
     need_db = need_db and bias is not None
-    dh, dw, db = torch.ops.ptfast.masked_lm_loss_backward(
+    dh, dw, db = MASKED_LM_LOSS_BACKWARD(
         grad_loss,
         hidden,
         weight,
@@ -168,7 +173,7 @@ def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None, None, None, None)
 
 
-_mlm_op.register_autograd(_backward, setup_context=_setup_context)
+MASKED_LM_LOSS.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(
@@ -287,7 +292,7 @@ def masked_lm_loss(
         label_smoothing=float(label_smoothing),
     )
     flat_labels = labels.reshape(-1)
-    loss, _row_max, _log_sum = torch.ops.ptfast.masked_lm_loss(
+    loss, _row_max, _log_sum = MASKED_LM_LOSS(
         hidden.reshape(flat_labels.shape[0], hidden.shape[-1]),  # not -1: E may be 0
         weight,
         flat_labels,
