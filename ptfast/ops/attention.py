@@ -7,7 +7,8 @@ Registered ops (one definition each, all backends behind them):
   ``(B, H, Lq, Lk)`` (the wrapper passes it with stride-0 dimensions narrowed to size 1); ``key_mask`` None or
   bool ``(B, Lk)``; ``seed`` None (no dropout) or int64 ``(2,)`` (see :mod:`ptfast._dropout`).
   ``out``: ``(B, H, Lq, D)`` contiguous, q's dtype. ``lse``: fp32 row log-sum-exp ``(B, H, Lq)`` for backends
-  that save it (``SAVES_LSE = True`` in the backend module), else an empty ``(0,)`` tensor.
+  that save it (``SAVES_LSE`` in the backend module: True, or a function of the call's shapes), else an empty
+  ``(0,)`` tensor.
 * ``ptfast::attention_backward(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale,
   backend) -> (dq, dk, dv)``, contiguous, in the inputs' dtype.
 * ``ptfast::attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p,
@@ -49,22 +50,34 @@ _VARLEN_IMPLS = {
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 
-def _lse_shape(impls: dict, backend: str, shape: tuple) -> tuple:
+def _lse_shape(impls: dict, backend: str, shape: tuple, call: tuple = ()) -> tuple:
+    """``shape`` if ``backend`` saves the log-sum-exp for this call, else ``(0,)``. ``SAVES_LSE`` is a bool, or a
+    function of the call's ``(q, attn_mask, key_mask, dropout_p, is_causal, scale)`` that reads only shapes, dtypes
+    and the device (the fake kernel evaluates it too)."""
     saves = getattr(impls[_dispatch.split(backend)[0]], "SAVES_LSE", False)
+    if callable(saves):
+        saves = saves(*call)
     return tuple(shape) if saves else (0,)
 
 
-def _lse(impls: dict, backend: str, like: Tensor, shape: tuple) -> Tensor:
-    return like.new_empty(_lse_shape(impls, backend, shape), dtype=torch.float32)
+def _lse(impls: dict, backend: str, like: Tensor, shape: tuple, call: tuple = ()) -> Tensor:
+    return like.new_empty(_lse_shape(impls, backend, shape, call), dtype=torch.float32)
 
 
-def _promised_lse(impls: dict, backend: str, lse: Tensor, like: Tensor, shape: tuple) -> Tensor:
+def _promised_lse(impls: dict, backend: str, lse: Tensor, like: Tensor, shape: tuple, call: tuple = ()) -> Tensor:
     """The ``lse`` output in the shape the fake kernel promised for ``backend``. They differ only when ``auto``
-    fell back to torch (which saves none) after a kernel fault; backward then falls back too and never reads it."""
-    promised = _lse_shape(impls, backend, shape)
+    fell back to torch after a kernel fault; backward then falls back too and reads it only where its own
+    ``SAVES_LSE`` says the forward saved one, which is then this lse."""
+    promised = _lse_shape(impls, backend, shape, call)
     if tuple(lse.shape) == promised:
         return lse
     return like.new_full(promised, float("nan"), dtype=torch.float32)
+
+
+def _own_lse(impls: dict, backend: str, impl: object, lse: Tensor) -> Tensor:
+    """``lse`` for the backward of the backend whose forward saved it; an empty one for a backend that backward
+    falls back to (its own log-sum-exp would mean something else: Triton's is base 2)."""
+    return lse if impl is impls[_dispatch.split(backend)[0]] else lse.new_empty(0)
 
 
 def _fault_key(q: Tensor, v: Tensor, masks: tuple, dropout_p: float, is_causal: bool) -> tuple:
@@ -96,7 +109,8 @@ def _attention_impl(
         "attention", "forward", backend, _IMPLS, key,
         lambda impl: impl.forward(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale),
     )  # fmt: skip
-    return out, _promised_lse(_IMPLS, backend, lse, q, q.shape[:3])
+    call = (q, attn_mask, key_mask, dropout_p, is_causal, scale)
+    return out, _promised_lse(_IMPLS, backend, lse, q, q.shape[:3], call)
 
 
 ATTENTION = RegisteredOp("ptfast::attention", _attention_impl)
@@ -105,7 +119,8 @@ ATTENTION = RegisteredOp("ptfast::attention", _attention_impl)
 @ATTENTION.register_fake
 def _(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
     B, H, Lq, _ = q.shape
-    return q.new_empty((B, H, Lq, v.shape[-1])), _lse(_IMPLS, backend, q, (B, H, Lq))
+    call = (q, attn_mask, key_mask, dropout_p, is_causal, scale)
+    return q.new_empty((B, H, Lq, v.shape[-1])), _lse(_IMPLS, backend, q, (B, H, Lq), call)
 
 
 def _attention_backward_impl(
@@ -126,7 +141,10 @@ def _attention_backward_impl(
     key = _fault_key(q, v, _mask_kinds(attn_mask, key_mask), dropout_p, is_causal)
     return _dispatch.run(
         "attention", "backward", backend, _IMPLS, key,
-        lambda impl: impl.backward(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale),
+        lambda impl: impl.backward(
+            grad, q, k, v, out, _own_lse(_IMPLS, backend, impl, lse), attn_mask, key_mask, seed, dropout_p,
+            is_causal, scale,
+        ),
     )  # fmt: skip
 
 

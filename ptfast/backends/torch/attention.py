@@ -15,7 +15,9 @@ Rows whose every key is excluded get a harmless all-zero additive mask before SD
 by the row validity, so they return exactly 0 with exactly 0 gradient instead of NaN.
 
 Backward recomputes the forward chunk by chunk with autograd enabled and calls ``torch.autograd.grad`` on each
-chunk, accumulating dK/dV (fp32 for half types), so no L x L tensor is kept between forward and backward.
+chunk, accumulating dK/dV (fp32 for half types), so no L x L tensor is kept between forward and backward. Except
+on a CPU for the whole-input plan (:func:`saves_lse`): forward keeps the flash kernel's log-sum-exp, and backward
+is that kernel's own backward, as for SDPA.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch import Tensor
 
 from ptfast import _dropout
 
-SAVES_LSE = False  # this backend recomputes in backward; its ``lse`` output is an empty fp32 tensor
+# The CPU flash kernel's dtypes whose log-sum-exp is fp32 (the op's lse dtype); fp64 recomputes instead.
+_FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 CHUNK_BUDGET_BYTES = 128 << 20
 # Bytes per (batch, head, query, key) element a chunk allocates at its peak (rough upper bounds):
@@ -90,11 +93,37 @@ def _autograd_dispatch() -> contextlib.AbstractContextManager:
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
+def _whole_input_plan(attn_mask: Tensor | None, key_mask: Tensor | None, dropout_p: float, is_causal: bool) -> bool:
+    """One SDPA call on the whole input (see the module docstring): shapes and flags only."""
+    per_query_mask = attn_mask is not None and attn_mask.shape[2] != 1
+    has_mask = attn_mask is not None or key_mask is not None
+    return dropout_p == 0 and not per_query_mask and not (is_causal and has_mask)
+
+
+def saves_lse(
+    q: Tensor, attn_mask: Tensor | None, key_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float
+) -> bool:
+    """Whether forward returns the row log-sum-exp and backward uses it instead of recomputing the forward.
+
+    On a CPU, for the whole-input plan, forward calls PyTorch's flash kernel directly and keeps its log-sum-exp;
+    backward then runs that kernel's own backward on the saved output, which is what SDPA's autograd does (the
+    recomputation cost fwd+bwd a third more than stock SDPA, measured). On CUDA SDPA picks among kernels whose
+    saved state differs, so backward recomputes there; also for fp64 and a zero scale (see ``_sdpa_chunk``).
+    Reads shapes, dtype, device and flags only: the op's fake kernel evaluates it too.
+    """
+    return (
+        q.device.type == "cpu"
+        and q.dtype in _FLASH_CPU_DTYPES
+        and scale != 0.0
+        and _whole_input_plan(attn_mask, key_mask, dropout_p, is_causal)
+    )
+
+
+SAVES_LSE = saves_lse  # read by ptfast.ops.attention (True/False for other backends)
+
+
 def _chunks(B: int, H: int, Lq: int, Lk: int, spec: Spec) -> Iterator[_Chunk]:
-    am = spec.attn_mask
-    per_query_mask = am is not None and am.shape[2] != 1
-    has_mask = am is not None or spec.key_mask is not None
-    if spec.dropout_p == 0 and not per_query_mask and not (spec.is_causal and has_mask):
+    if _whole_input_plan(spec.attn_mask, spec.key_mask, spec.dropout_p, spec.is_causal):
         yield _Chunk(0, B, 0, Lq, spec.is_causal)
         return
     per_elem = _BYTES_DROPOUT if spec.dropout_p > 0 else _BYTES_MASKED
@@ -135,12 +164,25 @@ def _sdpa_chunk(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tenso
         # SDPA's causal path scales its -inf mask too (0 * -inf = NaN): put the zero scale into q instead (q * 0
         # keeps a NaN or inf of q as NaN, like scale * (q . k) does).
         q, scale = q * 0.0, 1.0
-    if keep is None and add is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=c.sdpa_causal, scale=scale)
+    m, valid = _sdpa_mask(q, keep, add)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=c.sdpa_causal, scale=scale)
+    return _sdpa_finish(out, q, valid)
+
+
+def _sdpa_finish(out: Tensor, q: Tensor, valid: Tensor | None, inplace: bool = False) -> Tensor:
+    """``inplace``: ``out`` is a fresh tensor no autograd graph saved (a quarter of the out-of-place pass)."""
+    if valid is None:
         # PyTorch's CPU flash kernel (no mask; torch 2.13) returns 0, not NaN, for a query row holding a NaN, where
         # SDPA's math backend, its masked path and the contract give NaN: restore it (isnan, not q * 0, so huge
         # finite q values cannot turn into a spurious NaN). Cheap next to the attention itself.
         return torch.where(torch.isnan(q).any(-1, keepdim=True), math.nan, out)
+    return out.mul_(valid.to(out.dtype)) if inplace else out * valid.to(out.dtype)
+
+
+def _sdpa_mask(q: Tensor, keep: Tensor | None, add: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(the float mask SDPA gets, the rows that have a key) from a chunk's masks; (None, None) without masks."""
+    if keep is None and add is None:
+        return None, None
     if add is None:
         # Boolean exclusions only: a finite fill (finfo.min) instead of -inf. Allowed logits are finite scores, so
         # excluded keys still get exactly zero weight, and PyTorch's CPU flash kernel runs its backward ~10x faster
@@ -153,8 +195,7 @@ def _sdpa_chunk(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tenso
             m = torch.where(keep, m, -math.inf)
         valid = (m != -math.inf).any(-1, keepdim=True)  # NaN counts as valid: it must propagate
         m = m.masked_fill(~valid, 0.0) if m is add else m.masked_fill_(~valid, 0.0)  # never write the user's mask
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=c.sdpa_causal, scale=scale)
-    return out * valid.to(out.dtype)
+    return m, valid
 
 
 def _dropout_chunk(
@@ -252,6 +293,45 @@ def _empty_lse(q: Tensor) -> Tensor:
     return q.new_empty(0, dtype=torch.float32)
 
 
+def _flash_cpu_forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+    """The whole-input plan through the CPU flash kernel itself: (out, its row log-sum-exp), both contiguous."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if q.numel() == 0 or v.shape[-1] == 0 or Lk == 0:
+        return q.new_zeros((B, H, Lq, v.shape[-1])), q.new_zeros((B, H, Lq), dtype=torch.float32)
+    c = _Chunk(0, B, 0, Lq, spec.is_causal)
+    with _no_autocast(q.device), torch.no_grad():
+        m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
+        raw, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
+        )
+        return _sdpa_finish(raw.contiguous(), q, valid, inplace=True), lse.contiguous()
+
+
+def _flash_cpu_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: Spec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The flash kernel's backward on the saved output and log-sum-exp. ``out`` is the finished output (rows
+    without a key zeroed, NaN rows restored): those rows get a zero gradient here, exactly as autograd gives
+    ``_sdpa_finish``'s input, so what the kernel saw there does not matter."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    c = _Chunk(0, B, 0, Lq, spec.is_causal)
+    with _no_autocast(q.device), torch.no_grad():
+        m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
+        g = grad.to(q.dtype)
+        if valid is None:
+            g = g.masked_fill(torch.isnan(q).any(-1, keepdim=True), 0.0)
+        else:
+            g = g * valid.to(g.dtype)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, out, lse, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
+        )
+        return tuple(t.contiguous() for t in grads)
+
+
 def forward(
     q: Tensor,
     k: Tensor,
@@ -263,8 +343,10 @@ def forward(
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Backend entry point for ``ptfast::attention``: ``(out, lse)`` with ``lse`` empty (see ``SAVES_LSE``)."""
+    """Backend entry point for ``ptfast::attention``: ``(out, lse)``, ``lse`` empty unless :func:`saves_lse`."""
     spec = Spec(attn_mask, key_mask, seed, dropout_p, is_causal, scale)
+    if saves_lse(q, attn_mask, key_mask, dropout_p, is_causal, scale):
+        return _flash_cpu_forward(q, k, v, spec)
     return attend(q, k, v, spec), _empty_lse(q)
 
 
@@ -282,6 +364,10 @@ def backward(
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Backend entry point for ``ptfast::attention_backward`` (``out``/``lse`` unused: forward is recomputed)."""
+    """Backend entry point for ``ptfast::attention_backward``: the flash kernel's backward on the saved ``out`` and
+    ``lse`` where forward saved them (:func:`saves_lse`; the op passes an empty ``lse`` when another backend ran the
+    forward), else per-chunk recomputation."""
     spec = Spec(attn_mask, key_mask, seed, dropout_p, is_causal, scale)
+    if lse.numel() > 0 and saves_lse(q, attn_mask, key_mask, dropout_p, is_causal, scale):
+        return _flash_cpu_backward(grad, q, k, v, out, lse, spec)
     return attend_backward(grad, q, k, v, spec)

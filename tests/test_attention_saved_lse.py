@@ -1,0 +1,115 @@
+"""The torch backend's saved log-sum-exp on CPU (``ptfast.backends.torch.attention.saves_lse``).
+
+For the whole-input plan the forward keeps the CPU flash kernel's log-sum-exp and backward runs that kernel's own
+backward on the saved output instead of recomputing the forward. It must give the recomputation's gradients
+exactly (rows without a key, NaN rows and the masks included), be used only where the op's fake kernel promises an
+lse, and never read another backend's lse. The float64 oracle tests in test_attention.py cover the values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ptfast
+from ptfast.backends.torch import attention as torch_attention
+from ptfast.ops import attention as attention_op
+from tests.test_attention import LK, LQ, B, H, key_mask_of, make_qkv
+
+SCALE = 1 / math.sqrt(24)
+
+
+def _masks(kind: str, dtype: torch.dtype):
+    """(attn_mask, key_mask, is_causal) of one whole-input plan."""
+    if kind == "none":
+        return None, None, False
+    if kind == "causal":
+        return None, None, True
+    km = key_mask_of("right")
+    km[1] = False  # a batch element without any key: its rows are 0 with 0 gradient
+    if kind == "key_mask":
+        return None, km, False
+    if kind == "bool_b11k":
+        return km[:, None, None, :], None, False
+    return torch.randn(B, 1, 1, LK, dtype=dtype), km, False  # float (B, 1, 1, Lk) and a key mask
+
+
+KINDS = ["none", "causal", "key_mask", "bool_b11k", "float_and_key_mask"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_lse_backward_equals_recomputation(kind: str, dtype: torch.dtype) -> None:
+    q, k, v = (t.detach() for t in make_qkv(dtype=dtype))
+    if kind == "none":
+        q[0, 1, 4, 7] = math.nan  # a NaN query row stays NaN, like SDPA's math
+    attn_mask, key_mask, causal = _masks(kind, dtype)
+    call = (q, attn_mask, key_mask, 0.0, causal, SCALE)
+    assert torch_attention.saves_lse(*call)
+    out, lse = torch_attention.forward(q, k, v, attn_mask, key_mask, None, 0.0, causal, SCALE)
+    assert lse.shape == (B, H, LQ) and lse.dtype == torch.float32 and lse.is_contiguous() and out.is_contiguous()
+    spec = torch_attention.Spec(attn_mask, key_mask, None, 0.0, causal, SCALE)
+    torch.testing.assert_close(out, torch_attention.attend(q, k, v, spec), rtol=0, atol=0, equal_nan=True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    saved = torch_attention.backward(grad, q, k, v, out, lse, attn_mask, key_mask, None, 0.0, causal, SCALE)
+    empty = lse.new_empty(0)
+    recomputed = torch_attention.backward(grad, q, k, v, out, empty, attn_mask, key_mask, None, 0.0, causal, SCALE)
+    for a, b in zip(saved, recomputed, strict=True):
+        assert a.is_contiguous() and a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    if kind in ("key_mask", "float_and_key_mask"):
+        assert out[1].eq(0).all() and saved[0][1].eq(0).all()  # no key: 0 and 0 gradient, not NaN
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        dict(dropout_p=0.1),  # explicit dropout math
+        dict(attn_mask=torch.ones(B, 1, LQ, LK, dtype=torch.bool)),  # per-query mask: chunks
+        dict(is_causal=True, key_mask=torch.ones(B, LK, dtype=torch.bool)),  # causal with a mask: chunks
+        dict(dtype=torch.float64),  # the flash kernel's lse would not be fp32
+        dict(scale=0.0),  # recomputed with the zero scale moved into q
+    ],
+    ids=["dropout", "per-query-mask", "causal+key_mask", "fp64", "scale0"],
+)
+def test_recomputation_where_nothing_is_saved(call: dict) -> None:
+    dtype = call.pop("dtype", torch.float32)
+    q, k, v = (t.detach() for t in make_qkv(dtype=dtype))
+    args = dict(attn_mask=None, key_mask=None, dropout_p=0.0, is_causal=False, scale=SCALE) | call
+    assert not torch_attention.saves_lse(q, *args.values())
+    seed = torch.tensor([3, 4]) if args["dropout_p"] else None
+    _, lse = torch_attention.forward(q, k, v, args["attn_mask"], args["key_mask"], seed, *list(args.values())[2:])
+    assert lse.numel() == 0
+
+
+def test_fake_kernel_promises_the_saved_lse_and_opcheck_passes() -> None:
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(lq=13, lk=11, d=24))
+    km = key_mask_of("right", lk=11)
+    for key_mask, causal in ((km, False), (None, True)):
+        args = (q, k, v, None, key_mask, None, 0.0, causal, SCALE, "torch")
+        torch.library.opcheck(torch.ops.ptfast.attention.default, args)
+        out, lse = torch.ops.ptfast.attention(*args)
+        assert lse.shape == (B, H, 13)
+        bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:])
+        torch.library.opcheck(torch.ops.ptfast.attention_backward.default, bwd_args)
+
+        def fn(q, k, v, key_mask=key_mask, causal=causal):  # noqa: ANN001, ANN202
+            return ptfast.attention(q, k, v, key_mask=key_mask, is_causal=causal)
+
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got, want = compiled(q, k, v), fn(q, k, v)
+        torch.testing.assert_close(got, want)
+        got_grads, want_grads = (torch.autograd.grad(o.sum(), (q, k, v)) for o in (got, want))
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_fallback_backend_never_reads_another_backends_lse() -> None:
+    """Only the backend whose forward saved the lse reads it (Triton's is base 2, the torch backend's natural)."""
+    lse = torch.randn(B, H, LQ)
+    impls = attention_op._IMPLS
+    assert attention_op._own_lse(impls, "torch", impls["torch"], lse) is lse
+    assert attention_op._own_lse(impls, "auto:triton", impls["triton"], lse) is lse
+    assert attention_op._own_lse(impls, "auto:triton", impls["torch"], lse).numel() == 0
