@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,12 +185,23 @@ def test_compile_fullgraph_matches_eager(pool):
 def test_opcheck(pool, need_argmax, channels_last):
     # channels_last: the backward's fake kernel must promise dx in x's layout (it once said contiguous).
     x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8, channels_last=channels_last)
-    weight.requires_grad_()
+    # A pooled forward without its argmax is what the wrapper runs when nothing needs a gradient (its backward
+    # cannot route one and refuses to).
+    weight.requires_grad_(need_argmax or not pool)
     opcheck(torch.ops.ptfast.conv_relu.default, (x, weight, b, None, 1, 1, pool, need_argmax and pool, "torch"))
     out, argmax = torch.ops.ptfast.conv_relu(x, weight.detach(), b, None, 1, 1, pool, pool, "torch")
     grad = torch.randn_like(out)
     args = (grad, out, argmax, x, weight.detach(), list(x.shape), channels_last, 1, 1, pool, True, True, True, False)
     opcheck(torch.ops.ptfast.conv_relu_backward.default, (*args, "torch"))
+
+
+def test_pooled_backward_without_argmax_is_refused():
+    x, weight, b = _make(n=2, cin=3, cout=4, h=7, w=8)
+    out, argmax = torch.ops.ptfast.conv_relu(x, weight, b, None, 1, 1, True, False, "torch")
+    assert argmax.numel() == 0
+    args = (torch.ones_like(out), out, argmax, x, weight, list(x.shape), False, 1, 1, True, True, True, True, False)
+    with pytest.raises(RuntimeError, match="without its argmax"):
+        torch.ops.ptfast.conv_relu_backward(*args, "torch")
 
 
 @pytest.mark.parametrize(
@@ -236,3 +249,23 @@ def test_explicit_backend_that_cannot_run_raises():
         ptfast.conv_relu(x, weight, b)
     with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="triton"):
         ptfast.conv_relu_pool(x, weight, b)
+
+
+def test_pool_argmax_takes_the_first_nan_and_the_first_maximum():
+    """PyTorch's pooling kernel keeps the last NaN of a window; the contract (and the GPU kernels) the first.
+    A 1x1 conv with weight 1 on one channel (more channels would spread a NaN through the zero weights), so the
+    conv output is the input: windows with several NaNs, one NaN, a tie, and none."""
+    z = torch.randn(4, 1, 6, 7)
+    z[0, 0, 0, 0] = z[0, 0, 1, 1] = math.nan  # window (0, 0): NaN at offsets 0 and 3 -> 0
+    z[1, 0, 2, 3] = z[1, 0, 3, 2] = z[1, 0, 3, 3] = math.nan  # window (1, 1): offsets 1, 2, 3 -> 1
+    z[2, 0, 4, 5] = math.nan  # window (2, 2): offset 1 only
+    z[3, 0, 0, 2] = z[3, 0, 0, 3] = z[3, 0, 1, 2] = z[3, 0, 1, 3] = 5.0  # window (0, 1): a 4-way tie -> 0
+    out, argmax = torch.ops.ptfast.conv_relu(z, torch.ones(1, 1, 1, 1), None, None, 1, 0, True, True, "torch")
+    windows = z[:, :, :6, :6].reshape(4, 1, 3, 2, 3, 2).permute(0, 1, 2, 4, 3, 5).reshape(4, 1, 3, 3, 4)
+    nan = windows.isnan()
+    first_nan = torch.where(nan.any(-1), nan.to(torch.uint8).argmax(-1), -1)
+    want = torch.where(first_nan >= 0, first_nan, windows.nan_to_num(-math.inf).argmax(-1))
+    assert argmax.dtype == torch.uint8 and torch.equal(argmax.long(), want)
+    assert (argmax[0, 0, 0, 0], argmax[1, 0, 1, 1], argmax[2, 0, 2, 2], argmax[3, 0, 0, 1]) == (0, 1, 1, 0)
+    assert out[0, 0, 0, 0].isnan() and out[1, 0, 1, 1].isnan() and out[2, 0, 2, 2].isnan()
+    torch.testing.assert_close(out, F.max_pool2d(F.relu(z), 2, 2), equal_nan=True)

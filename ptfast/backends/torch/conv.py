@@ -50,13 +50,31 @@ def forward(
         return torch.relu_(z).contiguous(memory_format=fmt), no_argmax
     if not need_argmax:  # inference / frozen inputs: PyTorch's pooling kernel, no indices kept
         return F.max_pool2d(torch.relu_(z), 2, 2).contiguous(memory_format=fmt), no_argmax
-    n, c, h, w = z.shape
-    ho, wo = h // 2, w // 2
-    windows = z[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2).permute(0, 1, 2, 4, 3, 5)
-    # max over a dim returns the first maximum on ties (and propagates NaN); relu commutes with max.
-    values, index = windows.reshape(n, c, ho, wo, 4).max(dim=-1)
+    # PyTorch's pooling kernel on the pre-ReLU output (relu commutes with max; it takes the first maximum of a
+    # window in row-major order, as the contract does), its flat indices turned into the uint8 window offset.
+    # Backward never reads the offset of a window the ReLU zeroes (or whose maximum is NaN); it is still the
+    # contract's offset, NaN windows included (see _first_nan_offsets).
+    values, index = F.max_pool2d(z, 2, 2, return_indices=True)
+    w = z.shape[3]
+    row = torch.div(index, w, rounding_mode="floor")
+    offset = _first_nan_offsets(z, values, (row & 1) * 2 + ((index - row * w) & 1))
     out = torch.relu_(values).contiguous(memory_format=fmt)
-    return out, index.to(torch.uint8).contiguous(memory_format=fmt)
+    return out, offset.to(torch.uint8).contiguous(memory_format=fmt)
+
+
+def _first_nan_offsets(z: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """PyTorch's pooling kernels take the last NaN of a window, the contract (and the GPU kernels) the first.
+    Fix the windows whose maximum is NaN. On a CPU only when there is one (a value check costs no sync there);
+    elsewhere without a branch (a few elementwise passes, no host sync)."""
+    nan = torch.isnan(values)
+    if z.device.type == "cpu" and not bool(nan.any()):
+        return offset
+    ho, wo = values.shape[2:]
+    first = torch.full_like(offset, 3)
+    for k in (2, 1, 0):  # the lowest NaN offset wins
+        corner = z[:, :, k >> 1 : 2 * ho : 2, k & 1 : 2 * wo : 2]
+        first = torch.where(torch.isnan(corner), k, first)
+    return torch.where(nan, first, offset)
 
 
 def conv_output_grad(
@@ -67,12 +85,19 @@ def conv_output_grad(
     if not pool:
         return g
     n, c, ho, wo = g.shape
-    full = g.new_zeros(n, c, ho, wo, 4)
-    full.scatter_(-1, argmax.long().unsqueeze(-1), g.unsqueeze(-1))
-    full = full.reshape(n, c, ho, wo, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
     h, w = conv_hw
-    full = F.pad(full, (0, w - 2 * wo, 0, h - 2 * ho))  # rows/cols the pool floored away get no gradient
-    return full.contiguous(memory_format=memory_format(out))  # cuDNN's backward then needs no layout change
+    if argmax.shape != g.shape:  # need_argmax=False: only run when nothing needs a gradient
+        raise RuntimeError("conv_relu_pool backward: the forward ran without its argmax (need_argmax=False)")
+    # The window offsets back to the flat indices PyTorch's pooling backward scatters with (rows/cols the pool
+    # floored away get no gradient); it writes the conv-output gradient in out's layout.
+    if g.numel() == 0:  # PyTorch's pooling backward refuses empty inputs
+        return g.new_zeros((n, c, h, w)).contiguous(memory_format=memory_format(out))
+    offset = argmax.to(torch.int64)
+    rows = torch.arange(0, 2 * ho, 2, device=g.device).view(1, 1, ho, 1)
+    cols = torch.arange(0, 2 * wo, 2, device=g.device).view(1, 1, 1, wo)
+    index = (rows + (offset >> 1)) * w + cols + (offset & 1)
+    like = torch.empty((n, c, h, w), dtype=g.dtype, device=g.device, memory_format=memory_format(out))
+    return torch.ops.aten.max_pool2d_with_indices_backward(g, like, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
 
 
 def backward(
