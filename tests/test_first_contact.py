@@ -335,3 +335,36 @@ def test_backend_check_uses_the_ops_gradient_bound() -> None:
     assert 3e-2 < triton_grads["rel_err"] < bound and triton_grads["passed"] and triton_grads["tol"] == bound
     assert cuda_grads["rel_err"] > 1.0 and not cuda_grads["passed"]
     assert triton_out["tol"] == 3e-2 and not triton_out["passed"]  # outputs keep the generic bound
+
+
+def test_smoke_writes_what_it_verified_after_every_family(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A smoke step cut by its timeout must leave the rows it finished (the first H200 run took 183 of its 200 s):
+    smoke.json is rewritten after every family, model-step failures expanded as at the end."""
+    import subprocess
+
+    from benchmarks.first_contact import __main__ as cli
+
+    fams = smoke.families(cpu=True)[:3]
+    model = next(f for f in smoke.families(cpu=True) if f.op == "model")
+    monkeypatch.setattr(smoke, "families", lambda cpu: [*fams, model])
+    monkeypatch.setattr(smoke, "_skip_reason", lambda fam, cpu: None)
+
+    def fake_run(cmd, **kwargs):  # noqa: ANN001, ANN202 - the family's process "crashes" at once
+        return subprocess.CompletedProcess(cmd, 3, "", "boom")
+
+    monkeypatch.setattr(smoke.subprocess, "run", fake_run)
+    out = tmp_path / "smoke.json"
+    seen: list[int] = []
+    real_write = cli._write_json
+
+    def spy(path: str, rows: list) -> None:
+        real_write(path, rows)
+        seen.append(len(json.loads(Path(path).read_text())))
+
+    monkeypatch.setattr(cli, "_write_json", spy)
+    args = cli.argparse.Namespace(device="cpu", jobs=1, timeout=5.0, out=str(out))
+    assert cli.cmd_smoke(args) == 1
+    covered = len(model.covers)
+    assert seen == [1, 2, 3, 4 + covered, 4 + covered]  # after each family, then the final write
+    rows = json.loads(out.read_text())
+    assert all(r["status"] == "failed" for r in rows) and not list(tmp_path.glob("*.tmp"))

@@ -30,10 +30,17 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _write_json(path: str, rows: list) -> None:
+    """Whole or not at all (a write cut by the step's timeout must not leave half a file)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    rows = smoke.run_all(args.device, args.jobs, args.timeout, _log)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    rows = smoke.run_all(args.device, args.jobs, args.timeout, _log, on_rows=lambda done: _write_json(args.out, done))
+    _write_json(args.out, rows)
     failed = [r for r in rows if r["status"] == "failed"]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("passed", "failed", "skipped")}
     _log(f"[smoke] {counts} in {time.monotonic() - start:.0f} s -> {args.out}")

@@ -513,9 +513,16 @@ def _skip_reason(fam: Family, cpu: bool) -> str | None:
     return None
 
 
-def run_all(device: str, jobs: int, timeout_s: float, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_all(
+    device: str,
+    jobs: int,
+    timeout_s: float,
+    log: Callable[[str], None] = print,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Every family in its own subprocess, ``jobs`` at a time; rows in family order, expanded with the failures of
-    the op families a failed model step covers."""
+    the op families a failed model step covers. ``on_rows`` gets the (expanded) rows so far after each family, so
+    a run stopped by its timeout still leaves what it verified (families not reached count as not run)."""
     cpu = device == "cpu"
     fams = families(cpu)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -548,11 +555,19 @@ def run_all(device: str, jobs: int, timeout_s: float, log: Callable[[str], None]
             log(f"[smoke] {row['status']:<7} {row['name']} ({row.get('seconds', 0):.1f} s)"
                 + (f": {row['error'][:300]}" if row.get("error") else ""))  # fmt: skip
             rows.append(row)
-    for row in list(rows):  # a failed model step fails the op families it exercised
+            if on_rows is not None:
+                on_rows(_with_model_failures(rows))
+    return _with_model_failures(rows)
+
+
+def _with_model_failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` plus a failed row for each op family a failed model step exercised."""
+    out = list(rows)
+    for row in rows:
         if row["op"] == "model" and row["status"] == "failed":
             for op, family in row["covers"]:
                 why = f"model step {row['name']} failed: {row['error'][:200]}"
-                rows.append({"name": f"{row['name']} -> {op}/{family}", "gpu_class": row["gpu_class"], "op": op,
-                             "backend": row["backend"], "family": family, "dtype": row["dtype"], "status": "failed",
-                             "passed": False, "error": why})  # fmt: skip
-    return rows
+                out.append({"name": f"{row['name']} -> {op}/{family}", "gpu_class": row["gpu_class"], "op": op,
+                            "backend": row["backend"], "family": family, "dtype": row["dtype"], "status": "failed",
+                            "passed": False, "error": why})  # fmt: skip
+    return out
