@@ -179,6 +179,13 @@ def _sdpa_finish(out: Tensor, q: Tensor, valid: Tensor | None, inplace: bool = F
     return out.mul_(valid.to(out.dtype)) if inplace else out * valid.to(out.dtype)
 
 
+def _sdpa_finish_backward(grad: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
+    """The gradient :func:`_sdpa_finish` passes to its ``out`` (what autograd gives it in the recomputing path)."""
+    if valid is None:
+        return grad.masked_fill(torch.isnan(q).any(-1, keepdim=True), 0.0)
+    return grad * valid.to(grad.dtype)
+
+
 def _sdpa_mask(q: Tensor, keep: Tensor | None, add: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """(the float mask SDPA gets, the rows that have a key) from a chunk's masks; (None, None) without masks."""
     if keep is None and add is None:
@@ -321,11 +328,7 @@ def _flash_cpu_backward(
     c = _Chunk(0, B, 0, Lq, spec.is_causal)
     with _no_autocast(q.device), torch.no_grad():
         m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
-        g = grad.to(q.dtype)
-        if valid is None:
-            g = g.masked_fill(torch.isnan(q).any(-1, keepdim=True), 0.0)
-        else:
-            g = g * valid.to(g.dtype)
+        g = _sdpa_finish_backward(grad.to(q.dtype), q, valid)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g, q, k, v, out, lse, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
         )
