@@ -79,18 +79,24 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     return x * _signed(c)  # int32 products wrap modulo 2**32: the low word of the uint32 product
 
 
-def _xor_srl_(x: torch.Tensor, s: int) -> torch.Tensor:
-    """``x ^= x >> s`` with a logical shift (the arithmetic shift's sign copies masked off), in place."""
-    return x.bitwise_xor_((x >> s).bitwise_and_((1 << (32 - s)) - 1))
+def _xor_srl_(x: torch.Tensor, s: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``x ^= x >> s`` with a logical shift (the arithmetic shift's sign copies masked off), in place; ``scratch``
+    (x's shape, int32) holds the shifted word, so a large hash allocates nothing per step."""
+    shifted = torch.bitwise_right_shift(x, s, out=scratch) if scratch is not None else x >> s
+    return x.bitwise_xor_(shifted.bitwise_and_((1 << (32 - s)) - 1))
+
+
+def _fmix32_(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    _xor_srl_(x, 16, scratch)
+    x.mul_(_signed(FMIX_C1))
+    _xor_srl_(x, 13, scratch)
+    x.mul_(_signed(FMIX_C2))
+    return _xor_srl_(x, 16, scratch)
 
 
 def fmix32(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's finalizer on int32 tensors holding uint32 bit patterns (returns a new tensor)."""
-    x = _xor_srl_(x.clone(), 16)
-    x.mul_(_signed(FMIX_C1))
-    _xor_srl_(x, 13)
-    x.mul_(_signed(FMIX_C2))
-    return _xor_srl_(x, 16)
+    return _fmix32_(x.clone())
 
 
 def _index32(t: torch.Tensor) -> torch.Tensor:
@@ -112,13 +118,39 @@ def col_terms(j: torch.Tensor) -> torch.Tensor:
     return _mul32(_index32(j), C_COL)
 
 
+def _element_hash(k_row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``u`` of every element, shifted by 2**31 into int32 (``u ^ 0x80000000``), so that the unsigned ``u >= T``
+    is the signed ``result >= T - 2**31``."""
+    u = k_row + col
+    _fmix32_(u, torch.empty_like(u))
+    return u.bitwise_xor_(_TOP_BIT)
+
+
 def keep_from_keys(k_row: torch.Tensor, col: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean keep mask, the broadcast of ``k_row`` (``(..., R, 1)``) against ``col`` (``(C,)``)."""
     t = threshold(p)
     if t >= 2**32:  # p == 1: no uint32 reaches T
         return torch.zeros(torch.broadcast_shapes(k_row.shape, col.shape), dtype=torch.bool, device=k_row.device)
-    u = fmix32(k_row + col)
-    return u.bitwise_xor_(_TOP_BIT) >= t - 2**31  # unsigned u >= T, both shifted by 2**31 into int32
+    return _element_hash(k_row, col) >= t - 2**31
+
+
+def keep_scale_from_keys(k_row: torch.Tensor, col: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """``keep * (1 / (1 - p))`` in ``dtype`` (0 where dropped; all 0 for ``p == 1``): the factor the dropout path
+    multiplies the probabilities (and their gradient) by, for the same broadcast as :func:`keep_from_keys`.
+
+    For fp32 it is built in the hash's own int32 buffer, without a bool mask: on a CPU, comparing to a scalar and
+    converting a bool mask to float each cost several times one vectorised integer pass. Clamping the shifted hash
+    to ``[T' - 1, T']`` and subtracting ``T' - 1`` gives exactly 0 (dropped) or 1 (kept); times the bit pattern of
+    the fp32 scale, that int32 word *is* the fp32 factor.
+    """
+    t = threshold(p)
+    scale = 0.0 if t >= 2**32 else 1.0 / (1.0 - p)
+    if dtype != torch.float32 or t == 0 or t >= 2**32:
+        return keep_from_keys(k_row, col, p).to(dtype).mul_(scale)
+    lo = t - 2**31 - 1  # T' - 1 >= -2**31 because T >= 1 here
+    word = _element_hash(k_row, col).clamp_(lo, lo + 1).sub_(lo)
+    scale_bits = int(torch.tensor(scale, dtype=torch.float32).view(torch.int32))
+    return word.mul_(scale_bits).view(torch.float32)
 
 
 def keep_mask(

@@ -60,6 +60,40 @@ def test_torch_hash_equals_numpy_spec_with_large_indices(p):
     assert big_rows.float().mean().item() == pytest.approx(1 - p, abs=0.2)
 
 
+def _keep_scale_case(p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    seed = (2**31 - 2, 987654321)
+    b = torch.arange(3).view(-1, 1, 1, 1) + 70001
+    h = torch.arange(5).view(1, -1, 1, 1)
+    i = torch.arange(37).view(1, 1, -1, 1)
+    row_keys = _dropout.row_keys(torch.tensor(seed), b, h, i)
+    ours = _dropout.keep_scale_from_keys(row_keys, _dropout.col_terms(torch.arange(61)), p, torch.float32)
+    keep = oracle.keep_mask(seed, p, 3, 5, 37, 61, b_offset=70001)
+    scale = 0.0 if p >= 1 else 1 / (1 - p)
+    return ours, keep.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
+
+
+def test_keep_scale_is_exactly_keep_over_one_minus_p():
+    """The fp32 factor built in the hash's int32 word: exactly 0 or fp32(1 / (1 - p)), at the spec's thresholds,
+    including T = 0 and T = 1, p = 1, and thresholds equal to (and one above) hash values actually drawn, where the
+    clamp decides between neighbouring words."""
+    words = oracle.hash_words((2**31 - 2, 987654321), 3, 5, 37, 61, b_offset=70001).ravel()
+    drawn = [int(words[7]), int(words.max()), int(words[words > 0].min())]
+    ps = [0.0, 2.0**-33, 2.0**-32, 0.1, 0.37, 0.5, 0.999999, 1.0]
+    ps += [w / 2**32 for w in drawn] + [(w + 1) / 2**32 for w in drawn]
+    for p in ps:
+        ours, ref = _keep_scale_case(p)
+        assert ours.dtype == torch.float32 and torch.equal(ours, ref), p
+    for p in (0.2, 1.0):  # other work dtypes take the bool path
+        row_keys = _dropout.row_keys(
+            torch.tensor([1, 2]), torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.arange(3).view(1, 1, -1, 1)
+        )
+        got = _dropout.keep_scale_from_keys(row_keys, _dropout.col_terms(torch.arange(5)), p, torch.float64)
+        want = _dropout.keep_from_keys(row_keys, _dropout.col_terms(torch.arange(5)), p).double() * (
+            0.0 if p == 1 else 1 / (1 - p)
+        )
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
 def test_p_one_keeps_nothing():
     keep = _dropout.keep_mask(
         torch.tensor([5, 6]),

@@ -6,11 +6,14 @@ Registered ops (one definition each, all backends behind them):
   q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``; ``attn_mask`` None or bool/float 4-D broadcastable to
   ``(B, H, Lq, Lk)`` (the wrapper passes it with stride-0 dimensions narrowed to size 1); ``key_mask`` None or
   bool ``(B, Lk)``; ``seed`` None (no dropout) or int64 ``(2,)`` (see :mod:`ptfast._dropout`).
-  ``out``: ``(B, H, Lq, D)`` contiguous, q's dtype. ``lse``: fp32 row log-sum-exp ``(B, H, Lq)`` for backends
+  ``out``: ``(B, H, Lq, D)`` in q's dtype, contiguous, or laid out as ``(B, Lq, H, D)`` in memory where the
+  backend's ``out_heads_inner(q)`` says so (the layout of SDPA's kernels; the fake kernel promises the exact
+  strides, and a fallback's result is copied into them). ``lse``: fp32 row log-sum-exp ``(B, H, Lq)`` for backends
   that save it (``SAVES_LSE`` in the backend module: True, or a function of the call's shapes), else an empty
   ``(0,)`` tensor.
 * ``ptfast::attention_backward(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale,
-  backend) -> (dq, dk, dv)``, contiguous, in the inputs' dtype.
+  backend) -> (dq, dk, dv)``, in the inputs' dtype; laid out as ``(B, L, H, D)`` in memory where the backend's
+  ``GRADS_HEADS_INNER`` is True, else contiguous.
 * ``ptfast::attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p,
   is_causal, scale, backend) -> (out, lse)``: q ``(total_q, H, D)``, k/v ``(total_k, H, D)``, out
   ``(total_q, H, D)``; ``lse`` ``(H, total_q)`` fp32 or empty.
@@ -74,6 +77,37 @@ def _promised_lse(impls: dict, backend: str, lse: Tensor, like: Tensor, shape: t
     return like.new_full(promised, float("nan"), dtype=torch.float32)
 
 
+def _heads_inner(impls: dict, backend: str, q: Tensor, what: str) -> bool:
+    """Whether ``backend`` lays ``what`` ("out" or "grads") out as ``(B, L, H, D)`` in memory, the layout SDPA's
+    kernels return (its ``out_heads_inner(q)`` / ``GRADS_HEADS_INNER``); otherwise contiguous ``(B, H, L, D)``.
+    Reads q's strides only: the fake kernel evaluates it too, and compiled code passes q with the traced strides
+    (custom ops need exact strides)."""
+    impl = impls[_dispatch.split(backend)[0]]
+    if what == "out":
+        rule = getattr(impl, "out_heads_inner", None)
+        return bool(rule(q)) if rule is not None else False
+    return bool(getattr(impl, "GRADS_HEADS_INNER", False))
+
+
+def _layout_strides(shape: tuple, heads_inner: bool) -> tuple[int, ...]:
+    _, H, L, D = shape
+    H, L, D = max(H, 1), max(L, 1), max(D, 1)  # strides as torch.empty computes them (a 0 size counts as 1)
+    return (L * H * D, D, H * D, 1) if heads_inner else (H * L * D, L * D, D, 1)
+
+
+def _new_in_layout(like: Tensor, shape: tuple, heads_inner: bool) -> Tensor:
+    # empty_strided, not a transposed view: autograd refuses in-place edits of a custom op's output that is a view
+    return like.new_empty_strided(tuple(shape), _layout_strides(shape, heads_inner))
+
+
+def _in_layout(t: Tensor, heads_inner: bool) -> Tensor:
+    """``t`` in the layout the fake kernel promised (exact strides: compiled code relies on them); a copy only when
+    ``auto`` fell back to another backend than the one the call was traced for."""
+    if t.stride() == _layout_strides(t.shape, heads_inner):
+        return t
+    return _new_in_layout(t, t.shape, heads_inner).copy_(t)
+
+
 def _own_lse(impls: dict, backend: str, impl: object, lse: Tensor) -> Tensor:
     """``lse`` for the backward of the backend whose forward saved it; an empty one for a backend that backward
     falls back to (its own log-sum-exp would mean something else: Triton's is base 2)."""
@@ -110,6 +144,7 @@ def _attention_impl(
         lambda impl: impl.forward(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale),
     )  # fmt: skip
     call = (q, attn_mask, key_mask, dropout_p, is_causal, scale)
+    out = _in_layout(out, _heads_inner(_IMPLS, backend, q, "out"))
     return out, _promised_lse(_IMPLS, backend, lse, q, q.shape[:3], call)
 
 
@@ -120,7 +155,8 @@ ATTENTION = RegisteredOp("ptfast::attention", _attention_impl)
 def _(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
     B, H, Lq, _ = q.shape
     call = (q, attn_mask, key_mask, dropout_p, is_causal, scale)
-    return q.new_empty((B, H, Lq, v.shape[-1])), _lse(_IMPLS, backend, q, (B, H, Lq), call)
+    out = _new_in_layout(q, (B, H, Lq, v.shape[-1]), _heads_inner(_IMPLS, backend, q, "out"))
+    return out, _lse(_IMPLS, backend, q, (B, H, Lq), call)
 
 
 def _attention_backward_impl(
@@ -139,13 +175,15 @@ def _attention_backward_impl(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     key = _fault_key(q, v, _mask_kinds(attn_mask, key_mask), dropout_p, is_causal)
-    return _dispatch.run(
+    grads = _dispatch.run(
         "attention", "backward", backend, _IMPLS, key,
         lambda impl: impl.backward(
             grad, q, k, v, out, _own_lse(_IMPLS, backend, impl, lse), attn_mask, key_mask, seed, dropout_p,
             is_causal, scale,
         ),
     )  # fmt: skip
+    heads_inner = _heads_inner(_IMPLS, backend, q, "grads")
+    return tuple(_in_layout(g, heads_inner) for g in grads)
 
 
 ATTENTION_BACKWARD = RegisteredOp("ptfast::attention_backward", _attention_backward_impl)
@@ -153,7 +191,8 @@ ATTENTION_BACKWARD = RegisteredOp("ptfast::attention_backward", _attention_backw
 
 @ATTENTION_BACKWARD.register_fake
 def _(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    heads_inner = _heads_inner(_IMPLS, backend, q, "grads")
+    return tuple(_new_in_layout(t, t.shape, heads_inner) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -27,8 +27,8 @@ def _fmix32(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def keep_mask(seed: tuple[int, int], p: float, B: int, H: int, Lq: int, Lk: int, b_offset: int = 0) -> torch.Tensor:
-    """Bool ``(B, H, Lq, Lk)``: keep(b + b_offset, h, i, j) with positions counted from 0."""
+def hash_words(seed: tuple[int, int], B: int, H: int, Lq: int, Lk: int, b_offset: int = 0) -> np.ndarray:
+    """uint32 ``(B, H, Lq, Lk)``: the spec's ``u`` of element (b + b_offset, h, i, j), positions counted from 0."""
     s0, s1 = _U32(seed[0]), _U32(seed[1])
     b = (np.arange(B, dtype=np.uint64) + b_offset).astype(_U32).reshape(B, 1, 1, 1)
     h = np.arange(H, dtype=_U32).reshape(1, H, 1, 1)
@@ -38,9 +38,13 @@ def keep_mask(seed: tuple[int, int], p: float, B: int, H: int, Lq: int, Lk: int,
         kb = _fmix32(s0 + b * _U32(0x9E3779B1))
         kbh = _fmix32(kb ^ (h * _U32(0x85EBCA77)))
         krow = _fmix32(kbh ^ (s1 + i * _U32(0xC2B2AE3D)))
-        u = _fmix32(krow + j * _U32(0x27D4EB2F))
-    t = math.floor(p * 2**32)
-    return torch.from_numpy(u.astype(np.int64) >= t)
+        return _fmix32(krow + j * _U32(0x27D4EB2F))
+
+
+def keep_mask(seed: tuple[int, int], p: float, B: int, H: int, Lq: int, Lk: int, b_offset: int = 0) -> torch.Tensor:
+    """Bool ``(B, H, Lq, Lk)``: keep(b + b_offset, h, i, j) with positions counted from 0."""
+    u = hash_words(seed, B, H, Lq, Lk, b_offset)
+    return torch.from_numpy(u.astype(np.int64) >= math.floor(p * 2**32))
 
 
 def attention(

@@ -67,6 +67,57 @@ class _Chunk:
     sdpa_causal: bool  # causal handled by SDPA's flag (whole-input plan) instead of by the chunk's mask
 
 
+# Layouts (read by ptfast.ops.attention, whose fake kernels promise exactly these strides). "Heads inner" is a
+# (B, H, L, D) tensor laid out as (B, L, H, D) in memory: the transposed views a Transformer's projections give,
+# and what SDPA's kernels return for them, so the model's ``transpose(1, 2).reshape(B, L, H * D)`` after attention
+# copies nothing. ``out`` follows q (heads inner for such q, else contiguous): the CPU flash kernel's output then
+# needs no copy. The gradients are always heads inner, the layout the CPU flash kernel's backward returns.
+GRADS_HEADS_INNER = True
+
+
+def _heads_inner_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    _, H, L, D = shape
+    H, L, D = max(H, 1), max(L, 1), max(D, 1)  # strides as torch.empty computes them (a 0 size counts as 1)
+    return (L * H * D, D, H * D, 1)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    _, H, L, D = shape
+    H, L, D = max(H, 1), max(L, 1), max(D, 1)
+    return (H * L * D, L * D, D, 1)
+
+
+def out_heads_inner(q: Tensor) -> bool:
+    """Whether ``out`` is laid out heads inner for this query: exactly when the query itself is."""
+    return q.stride() == _heads_inner_strides(q.shape)
+
+
+def _heads_inner_empty(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """An uninitialized heads-inner tensor (not a transposed view: autograd lets a user modify an op's output in
+    place only if it is not a view)."""
+    return like.new_empty_strided(tuple(shape), _heads_inner_strides(shape))
+
+
+def _heads_inner_zeros(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    return _heads_inner_empty(like, shape).zero_()
+
+
+def _new_out(q: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """An uninitialized ``out`` in its layout (:func:`out_heads_inner`)."""
+    return _heads_inner_empty(q, shape) if out_heads_inner(q) else q.new_empty(shape)
+
+
+def _as_out(q: Tensor, result: Tensor) -> Tensor:
+    """``result`` as ``out``: itself where it already has the layout (no new buffer: on a CPU a fresh megabyte costs
+    its page faults), else a copy that has it."""
+    heads_inner = out_heads_inner(q)
+    if result.stride() == (_heads_inner_strides if heads_inner else _contiguous_strides)(result.shape):
+        # The CPU flash kernel's output is a transposed view of its own buffer: detach() shares the memory but is
+        # no view, since autograd refuses in-place edits of a custom op's output that is one.
+        return result.detach() if result._is_view() else result
+    return _new_out(q, tuple(result.shape)).copy_(result)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     # The dropout path does its own math: half types are computed in fp32 (like SDPA's kernels accumulate).
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -150,7 +201,7 @@ def _chunk_masks(spec: Spec, c: _Chunk, Lk: int, device: torch.device) -> tuple[
         else:
             add = am
     if spec.key_mask is not None:
-        km = spec.key_mask[c.b0 : c.b1, None, None, :]
+        km = spec.key_mask[c.b0 : c.b1].unsqueeze(1).unsqueeze(1)  # cheaper than indexing with None
         keep = km if keep is None else keep & km
     if spec.is_causal and not c.sdpa_causal:
         i = torch.arange(c.r0, c.r1, device=device)[:, None]
@@ -170,34 +221,65 @@ def _sdpa_chunk(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tenso
 
 
 def _sdpa_finish(out: Tensor, q: Tensor, valid: Tensor | None, inplace: bool = False) -> Tensor:
-    """``inplace``: ``out`` is a fresh tensor no autograd graph saved (a quarter of the out-of-place pass)."""
+    """Rows without a key zeroed, NaN query rows restored. ``inplace``: ``out`` is a fresh tensor no autograd graph
+    saved (a quarter of the out-of-place pass, and no new buffer); on a CPU, where reading a value costs no device
+    sync, the pass is then skipped when it would change nothing."""
     if valid is None:
         # PyTorch's CPU flash kernel (no mask; torch 2.13) returns 0, not NaN, for a query row holding a NaN, where
         # SDPA's math backend, its masked path and the contract give NaN: restore it (isnan, not q * 0, so huge
         # finite q values cannot turn into a spurious NaN). Cheap next to the attention itself.
-        return torch.where(torch.isnan(q).any(-1, keepdim=True), math.nan, out)
-    return out.mul_(valid.to(out.dtype)) if inplace else out * valid.to(out.dtype)
+        nan_rows = torch.isnan(q).any(-1, keepdim=True)
+        if not inplace:
+            return torch.where(nan_rows, math.nan, out)
+        if _nothing_to_change(nan_rows, False):
+            return out
+        return torch.where(nan_rows, out.new_full((), math.nan), out, out=out)
+    if not inplace:
+        return out * valid.to(out.dtype)  # a float factor keeps mul's vectorized path
+    return out if _nothing_to_change(valid, True) else out.mul_(valid.to(out.dtype))
+
+
+def _nothing_to_change(rows: Tensor, harmless: bool) -> bool:
+    """On a CPU: whether every entry of ``rows`` is ``harmless`` (so a finishing pass would change nothing)."""
+    if rows.device.type != "cpu":
+        return False
+    return bool(rows.all()) if harmless else not bool(rows.any())
 
 
 def _sdpa_finish_backward(grad: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
-    """The gradient :func:`_sdpa_finish` passes to its ``out`` (what autograd gives it in the recomputing path)."""
+    """The gradient :func:`_sdpa_finish` passes to its ``out`` (what autograd gives it in the recomputing path);
+    ``grad`` itself where that changes nothing (known on a CPU without a sync)."""
     if valid is None:
-        return grad.masked_fill(torch.isnan(q).any(-1, keepdim=True), 0.0)
-    return grad * valid.to(grad.dtype)
+        nan_rows = torch.isnan(q).any(-1, keepdim=True)
+        return grad if _nothing_to_change(nan_rows, False) else grad.masked_fill(nan_rows, 0.0)
+    return grad if _nothing_to_change(valid, True) else grad * valid.to(grad.dtype)
 
 
 def _sdpa_mask(q: Tensor, keep: Tensor | None, add: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """(the float mask SDPA gets, the rows that have a key) from a chunk's masks; (None, None) without masks."""
+    """(the float mask SDPA gets, the rows that have a key) from a chunk's masks; (None, None) without masks.
+
+    Boolean exclusions get a finite fill (finfo.min) instead of -inf: allowed logits are finite scores, so excluded
+    keys still get exactly zero weight, and PyTorch's CPU flash kernel runs its backward ~10x faster without -inf
+    in the mask."""
+    return _additive_mask(keep, add, q.dtype, torch.finfo(q.dtype).min)
+
+
+def _additive_mask(
+    keep: Tensor | None, add: Tensor | None, dtype: torch.dtype, fill: float
+) -> tuple[Tensor | None, Tensor | None]:
+    """(additive float mask in ``dtype``, the rows that have a key), both in the masks' compact broadcast shape.
+
+    Excluded keys get ``fill``; rows without any key get an all-zero mask (they become uniform and the caller
+    zeroes them with the returned validity). (None, None) without masks."""
     if keep is None and add is None:
         return None, None
     if add is None:
-        # Boolean exclusions only: a finite fill (finfo.min) instead of -inf. Allowed logits are finite scores, so
-        # excluded keys still get exactly zero weight, and PyTorch's CPU flash kernel runs its backward ~10x faster
-        # without -inf in the mask. Fully excluded rows become uniform and are zeroed below.
         valid = keep.any(-1, keepdim=True)
-        m = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
-    else:  # SDPA wants a float mask in q's dtype; -inf here keeps a user's finfo.min mask on plain arithmetic
-        m = add.to(q.dtype)
+        m = torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), fill)
+        if fill == -math.inf:  # a finite fill already leaves those rows finite
+            m.masked_fill_(~valid, 0.0)
+    else:  # -inf for a float mask: it keeps a user's finfo.min mask on plain arithmetic
+        m = add.to(dtype)
         if keep is not None:
             m = torch.where(keep, m, -math.inf)
         valid = (m != -math.inf).any(-1, keepdim=True)  # NaN counts as valid: it must propagate
@@ -205,26 +287,52 @@ def _sdpa_mask(q: Tensor, keep: Tensor | None, add: Tensor | None) -> tuple[Tens
     return m, valid
 
 
-def _dropout_chunk(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tensor | None, c: _Chunk, spec: Spec, col: Tensor
-) -> Tensor:
-    """Explicit attention with dropout; q/k/v already in the work dtype (fp32 for half inputs)."""
-    s = torch.matmul(q, k.transpose(-2, -1)) * spec.scale
-    if add is not None:
-        s = s + add.to(s.dtype)
-    if keep is not None:
-        s = s.masked_fill(~keep, -math.inf)
-    valid = (s != -math.inf).any(-1, keepdim=True)
-    s = s.masked_fill(~valid, 0.0)
+def _dropout_probs(
+    q: Tensor, k: Tensor, keep: Tensor | None, add: Tensor | None, c: _Chunk, spec: Spec, col: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(softmax probabilities before dropout, ``keep / (1 - p)`` per element, the rows that have a key or None) of
+    one dropout chunk; q/k already in the work dtype (fp32 for half inputs), the results in it too."""
+    m, valid = _additive_mask(keep, add, q.dtype, -math.inf)
+    s = torch.matmul(q * spec.scale, k.transpose(-2, -1))
+    if m is not None:
+        s.add_(m)
     probs = torch.softmax(s, dim=-1)
     dev = q.device
     b = torch.arange(c.b0, c.b1, device=dev).view(-1, 1, 1, 1)
     h = torch.arange(q.shape[1], device=dev).view(1, -1, 1, 1)
     i = torch.arange(c.r0, c.r1, device=dev).view(1, 1, -1, 1)
-    kept = _dropout.keep_from_keys(_dropout.row_keys(spec.seed, b, h, i), col, spec.dropout_p) & valid
-    inv = 0.0 if spec.dropout_p >= 1.0 else 1.0 / (1.0 - spec.dropout_p)
-    probs = probs * (kept.to(probs.dtype) * inv)  # multiply (not where) so NaN still propagates
-    return torch.matmul(probs, v)
+    row_keys = _dropout.row_keys(spec.seed, b, h, i)
+    return probs, _dropout.keep_scale_from_keys(row_keys, col, spec.dropout_p, q.dtype), valid
+
+
+def _dropout_chunk(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, add: Tensor | None, c: _Chunk, spec: Spec, col: Tensor
+) -> Tensor:
+    """Explicit attention with dropout: ``(P * keep / (1 - p)) @ V``, rows without a key zeroed."""
+    probs, keep_scale, valid = _dropout_probs(q, k, keep, add, c, spec, col)
+    out = torch.matmul(probs.mul_(keep_scale), v)  # multiply (not masked_fill) so NaN still propagates
+    return out if valid is None else out.mul_(valid.to(out.dtype))
+
+
+def _dropout_chunk_backward(
+    g: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, c: _Chunk, spec: Spec, col: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one dropout chunk, all in the work dtype, from the chunk's output gradient ``g`` and output.
+
+    With ``O = P~ V``, ``P~ = P * z``, ``z = keep / (1 - p)``: ``dV = P~^T dO``; ``dP = z * (dO V^T)``;
+    ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``; ``dQ = scale dS K``, ``dK = scale dS^T Q``. One score
+    matmul is recomputed (not the ``P V`` one autograd would redo), nothing L x L is kept between the passes."""
+    keep, add = _chunk_masks(spec, c, k.shape[2], q.device)
+    probs, keep_scale, valid = _dropout_probs(q, k, keep, add, c, spec, col)
+    if valid is not None:
+        # Rows without a key return 0 whatever their probabilities: no gradient flows through them.
+        g = g * valid.to(g.dtype)
+    d = (g * out).sum(-1, keepdim=True)
+    dv = torch.matmul(probs.mul(keep_scale).transpose(-2, -1), g)
+    ds = torch.matmul(g, v.transpose(-2, -1)).mul_(keep_scale).sub_(d).mul_(probs)
+    dq = torch.matmul(ds, k).mul_(spec.scale)
+    dk = torch.matmul(ds.transpose(-2, -1), q).mul_(spec.scale)
+    return dq, dk, dv
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, c: _Chunk, spec: Spec, col: Tensor | None) -> Tensor:
@@ -241,21 +349,20 @@ def _col_terms(Lk: int, spec: Spec, device: torch.device) -> Tensor | None:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
-    """Output ``(B, H, Lq, Dv)``, contiguous, in q's dtype."""
+    """Output ``(B, H, Lq, Dv)`` in q's dtype, laid out as :func:`out_heads_inner` says."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     out_shape = (B, H, Lq, v.shape[-1])
     if q.numel() == 0 or v.shape[-1] == 0 or Lk == 0:
-        return q.new_zeros(out_shape)  # no keys: every row is fully excluded -> 0
+        return _new_out(q, out_shape).zero_()  # no keys: every row is fully excluded -> 0
     work = _work_dtype(q.dtype) if spec.dropout_p > 0 else q.dtype
     col = _col_terms(Lk, spec, q.device)
     # no_grad: nothing here is differentiated (backward recomputes chunk by chunk), so record no graph.
     with _no_autocast(q.device), torch.no_grad():
         chunks = list(_chunks(B, H, Lq, Lk, spec))
         if len(chunks) == 1:
-            c = chunks[0]
-            return _attend(q.to(work), k.to(work), v.to(work), c, spec, col).to(q.dtype).contiguous()
-        out = q.new_empty(out_shape)
+            return _as_out(q, _attend(q.to(work), k.to(work), v.to(work), chunks[0], spec, col).to(q.dtype))
+        out = _new_out(q, out_shape)
         kw = vw = None
         for c in chunks:
             if c.r0 == 0:  # new batch block: convert its K/V once
@@ -265,29 +372,40 @@ def attend(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
         return out
 
 
-def attend_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv), contiguous, in the inputs' dtype, by per-chunk recomputation."""
-    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+def attend_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, spec: Spec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), laid out heads inner, in the inputs' dtype, chunk by chunk: explicit for dropout (from the
+    forward's ``out``, required then), else by recomputing the chunk's SDPA under autograd."""
+    dq, dk, dv = (_heads_inner_zeros(t, t.shape) for t in (q, k, v))
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return dq, dk, dv
-    work = _work_dtype(q.dtype) if spec.dropout_p > 0 else q.dtype
+    dropout = spec.dropout_p > 0
+    work = _work_dtype(q.dtype) if dropout else q.dtype
     acc_dtype = _work_dtype(q.dtype)  # dK/dV summed over chunks in fp32 for half inputs
     col = _col_terms(Lk, spec, q.device)
     chunks = list(_chunks(B, H, Lq, Lk, spec))
-    with _no_autocast(q.device), _autograd_dispatch(), torch.enable_grad():
+    grad_mode = torch.no_grad() if dropout else torch.enable_grad()
+    recording = contextlib.nullcontext() if dropout else _autograd_dispatch()
+    with _no_autocast(q.device), recording, grad_mode:
         kl = vl = dk_acc = dv_acc = None
         for n, c in enumerate(chunks):
             if c.r0 == 0:
-                kl = k[c.b0 : c.b1].detach().to(work).requires_grad_()
-                vl = v[c.b0 : c.b1].detach().to(work).requires_grad_()
+                kl = k[c.b0 : c.b1].detach().to(work).requires_grad_(not dropout)
+                vl = v[c.b0 : c.b1].detach().to(work).requires_grad_(not dropout)
                 dk_acc = dv_acc = None
-            ql = q[c.b0 : c.b1, :, c.r0 : c.r1].detach().to(work).requires_grad_()
-            o = _attend(ql, kl, vl, c, spec, col)
-            g = grad[c.b0 : c.b1, :, c.r0 : c.r1].to(o.dtype)
-            gq, gk, gv = torch.autograd.grad(o, (ql, kl, vl), g, allow_unused=True, materialize_grads=True)
-            dq[c.b0 : c.b1, :, c.r0 : c.r1] = gq
+            rows = (slice(c.b0, c.b1), slice(None), slice(c.r0, c.r1))
+            ql = q[rows].detach().to(work)
+            g = grad[rows].to(work)
+            if dropout:
+                gq, gk, gv = _dropout_chunk_backward(g, out[rows].to(work), ql, kl, vl, c, spec, col)
+            else:
+                ql.requires_grad_()
+                o = _attend(ql, kl, vl, c, spec, col)
+                gq, gk, gv = torch.autograd.grad(o, (ql, kl, vl), g, allow_unused=True, materialize_grads=True)
+            dq[rows] = gq
             dk_acc = gk.to(acc_dtype) if dk_acc is None else dk_acc.add_(gk)
             dv_acc = gv.to(acc_dtype) if dv_acc is None else dv_acc.add_(gv)
             if n + 1 == len(chunks) or chunks[n + 1].r0 == 0:  # batch block finished
@@ -301,18 +419,19 @@ def _empty_lse(q: Tensor) -> Tensor:
 
 
 def _flash_cpu_forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
-    """The whole-input plan through the CPU flash kernel itself: (out, its row log-sum-exp), both contiguous."""
+    """The whole-input plan through the CPU flash kernel itself: (out laid out heads inner, its row log-sum-exp)."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.numel() == 0 or v.shape[-1] == 0 or Lk == 0:
-        return q.new_zeros((B, H, Lq, v.shape[-1])), q.new_zeros((B, H, Lq), dtype=torch.float32)
+        return _new_out(q, (B, H, Lq, v.shape[-1])).zero_(), q.new_zeros((B, H, Lq), dtype=torch.float32)
     c = _Chunk(0, B, 0, Lq, spec.is_causal)
     with _no_autocast(q.device), torch.no_grad():
         m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
         raw, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
         )
-        return _sdpa_finish(raw.contiguous(), q, valid, inplace=True), lse.contiguous()
+        # The kernel's output has q's layout (checked, not assumed): finish it in place.
+        return _sdpa_finish(_as_out(q, raw), q, valid, inplace=True), lse.contiguous()
 
 
 def _flash_cpu_backward(
@@ -324,7 +443,7 @@ def _flash_cpu_backward(
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        return tuple(_heads_inner_zeros(t, t.shape) for t in (q, k, v))
     c = _Chunk(0, B, 0, Lq, spec.is_causal)
     with _no_autocast(q.device), torch.no_grad():
         m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
@@ -332,7 +451,7 @@ def _flash_cpu_backward(
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g, q, k, v, out, lse, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
         )
-        return tuple(t.contiguous() for t in grads)
+        return grads  # already heads inner: the kernel's own layout
 
 
 def forward(
@@ -373,4 +492,4 @@ def backward(
     spec = Spec(attn_mask, key_mask, seed, dropout_p, is_causal, scale)
     if lse.numel() > 0 and saves_lse(q, attn_mask, key_mask, dropout_p, is_causal, scale):
         return _flash_cpu_backward(grad, q, k, v, out, lse, spec)
-    return attend_backward(grad, q, k, v, spec)
+    return attend_backward(grad, q, k, v, out, spec)

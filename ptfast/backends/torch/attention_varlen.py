@@ -110,5 +110,6 @@ def backward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, dropout_p, is_causal, scale
     )
     gp = _pad(grad, seq_q, pos_q, cu_seqlens_q.numel() - 1, max_seqlen_q)
-    dqp, dkp, dvp = padded.attend_backward(gp, qp, kp, vp, spec)
+    op = _pad(out, seq_q, pos_q, cu_seqlens_q.numel() - 1, max_seqlen_q) if dropout_p > 0 else None
+    dqp, dkp, dvp = padded.attend_backward(gp, qp, kp, vp, op, spec)
     return _unpad(dqp, seq_q, pos_q), _unpad(dkp, seq_k, pos_k), _unpad(dvp, seq_k, pos_k)
