@@ -8,6 +8,8 @@ also the residual's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -55,20 +57,51 @@ def forward(
     # Backward never reads the offset of a window the ReLU zeroes (or whose maximum is NaN); it is still the
     # contract's offset, NaN windows included (see _first_nan_offsets).
     values, index = F.max_pool2d(z, 2, 2, return_indices=True)
-    w = z.shape[3]
-    row = torch.div(index, w, rounding_mode="floor")
-    offset = _first_nan_offsets(z, values, (row & 1) * 2 + ((index - row * w) & 1))
+    offset = _window_offsets(index, z.shape[2], z.shape[3])
+    offset = _first_nan_offsets(z, values, offset)
     out = torch.relu_(values).contiguous(memory_format=fmt)
-    return out, offset.to(torch.uint8).contiguous(memory_format=fmt)
+    return out, offset.contiguous(memory_format=fmt)
+
+
+# Lookup tables instead of index arithmetic: each elementwise op on a CPU costs a pass over the pooled tensor
+# (the arithmetic took seven of them forward and six backward); a table lookup is one. Cached per shape.
+@functools.lru_cache(maxsize=64)
+def _offset_table(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """uint8 ``(h * w,)``: flat index ``r * w + c`` -> window offset ``(r & 1) * 2 + (c & 1)``."""
+    r = torch.arange(h, device=device).view(h, 1)
+    c = torch.arange(w, device=device).view(1, w)
+    return ((r & 1) * 2 + (c & 1)).to(torch.uint8).reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _index_tables(ho: int, wo: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 ``(4,)``: window offset -> flat step from the window's corner, int64 ``(ho, wo)``: the corners)."""
+    steps = torch.tensor([0, 1, w, w + 1], device=device)
+    corners = torch.arange(0, 2 * ho, 2, device=device).view(ho, 1) * w + torch.arange(0, 2 * wo, 2, device=device)
+    return steps, corners
+
+
+def _window_offsets(index: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """uint8 window offsets, contiguous in index's logical order, from PyTorch's flat pooling indices."""
+    flat = _offset_table(h, w, index.device).index_select(0, index.reshape(-1))
+    return flat.view(index.shape)
+
+
+def _window_index(offset: torch.Tensor, w: int) -> torch.Tensor:
+    """PyTorch's flat pooling indices (int64, contiguous) from the uint8 window offsets."""
+    steps, corners = _index_tables(offset.shape[2], offset.shape[3], w, offset.device)
+    return steps.index_select(0, offset.reshape(-1).long()).view(offset.shape).add_(corners)
 
 
 def _first_nan_offsets(z: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """PyTorch's pooling kernels take the last NaN of a window, the contract (and the GPU kernels) the first.
     Fix the windows whose maximum is NaN. On a CPU only when there is one (a value check costs no sync there);
     elsewhere without a branch (a few elementwise passes, no host sync)."""
-    nan = torch.isnan(values)
-    if z.device.type == "cpu" and not bool(nan.any()):
+    # The sum is NaN if a value is (and also for +inf next to -inf: a false alarm costs only the fix-up); one
+    # vectorised reduction instead of isnan + any.
+    if z.device.type == "cpu" and not bool(values.sum().isnan()):
         return offset
+    nan = torch.isnan(values)
     ho, wo = values.shape[2:]
     first = torch.full_like(offset, 3)
     for k in (2, 1, 0):  # the lowest NaN offset wins
@@ -77,11 +110,23 @@ def _first_nan_offsets(z: torch.Tensor, values: torch.Tensor, offset: torch.Tens
     return torch.where(nan, first, offset)
 
 
+def _relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``out > 0``, else 0: the ReLU mask of DESIGN §3, so a NaN output passes no gradient (a mask,
+    not a product: a NaN grad under ``out <= 0`` gives 0, as in the GPU kernels)."""
+    if out.device.type != "cpu":
+        return torch.where(out > 0, grad, 0.0)
+    # On a CPU the comparison and where are slow scalar loops; threshold_backward (ReLU's own backward, the same
+    # mask except that it passes a NaN output's gradient on) is one vectorised pass. out >= 0 or NaN, so its sum
+    # is NaN exactly when an output is: only then are those entries zeroed.
+    g = torch.ops.aten.threshold_backward(grad, out, 0)
+    return g.masked_fill_(torch.isnan(out), 0.0) if bool(out.sum().isnan()) else g
+
+
 def conv_output_grad(
     grad: torch.Tensor, out: torch.Tensor, argmax: torch.Tensor, conv_hw: tuple[int, int], pool: bool
 ) -> torch.Tensor:
     """Gradient w.r.t. the conv output (pre-ReLU) from the saved (pooled) output and argmax."""
-    g = grad * (out > 0)
+    g = _relu_grad(grad, out)
     if not pool:
         return g
     n, c, ho, wo = g.shape
@@ -92,10 +137,7 @@ def conv_output_grad(
     # floored away get no gradient); it writes the conv-output gradient in out's layout.
     if g.numel() == 0:  # PyTorch's pooling backward refuses empty inputs
         return g.new_zeros((n, c, h, w)).contiguous(memory_format=memory_format(out))
-    offset = argmax.to(torch.int64)
-    rows = torch.arange(0, 2 * ho, 2, device=g.device).view(1, 1, ho, 1)
-    cols = torch.arange(0, 2 * wo, 2, device=g.device).view(1, 1, 1, wo)
-    index = (rows + (offset >> 1)) * w + cols + (offset & 1)
+    index = _window_index(argmax, w)
     like = torch.empty((n, c, h, w), dtype=g.dtype, device=g.device, memory_format=memory_format(out))
     return torch.ops.aten.max_pool2d_with_indices_backward(g, like, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
 
