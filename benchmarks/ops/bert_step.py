@@ -9,7 +9,8 @@ Model: BERT-base (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab 3052
 0.1), ``attn_implementation="sdpa"`` before patching. Batches: 128 x 128 and 32 x 512; sequence lengths uniform in
 [L/4, L] (a fixed draw per case, so every input set has the same real-token count), right padding with an
 ``attention_mask``, ``[CLS]`` first and ``[SEP]`` last, round(15%) of each sequence's other real tokens replaced by
-``[MASK]`` and labelled (labels -100 elsewhere). ``--quick``: a 2-layer hidden-64 BERT, batch 4 x 32.
+``[MASK]`` and labelled (labels -100 elsewhere). ``--quick``: a 2-layer hidden-64 BERT, batch 4 x 32. On CPU
+(without ``--full``): a 4-layer hidden-256 BERT (4 heads, intermediate 1024, vocab 8192), batch 16 x 128.
 
 Providers: ``hf[sdpa]`` (stock), ``ptfast`` (``ptfast.patch(model, unpad=False)``: ptfast attention and the
 fused masked-LM head), ``ptfast[unpad]`` (``unpad=True``: every layer on the real tokens only), each also under
@@ -61,6 +62,7 @@ from benchmarks.common import (
 
 BERT_BASE = dict(layers=12, hidden=768, heads=12, intermediate=3072, vocab=30522)
 BERT_TINY = dict(layers=2, hidden=64, heads=2, intermediate=256, vocab=4096)
+BERT_SMALL = dict(layers=4, hidden=256, heads=4, intermediate=1024, vocab=8192)  # the CPU case
 MASK_FRACTION = 0.15
 DROPOUT = 0.1
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 999  # bert-base-uncased's special ids; words drawn from [999, V)
@@ -92,6 +94,8 @@ def _case(name: str, batch: int, seq: int, model: dict[str, int], seed: int) -> 
 def _cases(opts: Options) -> list[Case]:
     if opts.quick:
         return [_case("bert-tiny b4 L32", 4, 32, BERT_TINY, 7)]
+    if not opts.cuda and not opts.full:
+        return [_case("bert-small b16 L128", 16, 128, BERT_SMALL, 5)]
     return [
         _case("bert-base b128 L128", 128, 128, BERT_BASE, 11),
         _case("bert-base b32 L512", 32, 512, BERT_BASE, 13),

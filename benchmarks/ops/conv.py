@@ -132,6 +132,9 @@ def _cases(pool: bool, opts: Options) -> list[Case]:
             return [_case("tiny", 2, 8, 16, 16, True, True), _case("tiny-odd", 2, 16, 16, 15, True, True)]
         vgg = [_case("tiny-first", 2, 3, 8, 16, False, True), _case("tiny", 2, 8, 16, 16, False, True)]
         return vgg + [_resnet_case(2, *layer) for layer in RESNET_QUICK]
+    if not opts.cuda and not opts.full:
+        # CPU shapes: VGG blocks of a small image model (batch 32), one per resolution.
+        return [_case("cpu", 32, c, c, hw, pool) for c, hw in ((64, 32), (128, 16), (256, 8))]
     vgg = [
         _case(name, BATCH, cin, cout, hw, pool_after, graph=hw <= 14)
         for name, cin, cout, hw, pool_after in VGG16_LAYERS

@@ -58,6 +58,12 @@ def cases(opts: Options) -> list[Case]:
             _case("tiny 15% masked", (4, 64), 64, 1000, 0.15, True, graph=True),
             _case("tiny all rows", (96,), 64, 1001, 1.0, False, graph=True),
         ]
+    if not opts.cuda and not opts.full:
+        # CPU shapes: a small BERT's head (the demo's is hidden 128, vocab 4000), a batch of 16 x 128 tokens.
+        return [
+            _case("small bert 2k tok", (16, 128), 256, 8000, 0.15, True),
+            _case("demo bert 2k tok", (16, 128), 128, 4000, 0.15, True),
+        ]
     return [
         _case("bert-base 32k tok", (256, 128), 768, 30522, 0.15, True),
         _case("bert-large 32k tok", (256, 128), 1024, 30522, 0.15, True),

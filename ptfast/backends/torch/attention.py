@@ -12,12 +12,17 @@ Execution plan (chosen from shapes and flags only, never from tensor values, so 
   ``keep / (1 - p)`` from :mod:`ptfast._dropout`, ``P @ V`` — with the same budget.
 
 Rows whose every key is excluded get a harmless all-zero additive mask before SDPA and the output is multiplied
-by the row validity, so they return exactly 0 with exactly 0 gradient instead of NaN.
+by the row validity, so they return exactly 0 with exactly 0 gradient instead of NaN. (On a CPU, where reading a
+value costs no device sync, such finishing passes are skipped when they would change nothing.)
 
-Backward recomputes the forward chunk by chunk with autograd enabled and calls ``torch.autograd.grad`` on each
-chunk, accumulating dK/dV (fp32 for half types), so no L x L tensor is kept between forward and backward. Except
-on a CPU for the whole-input plan (:func:`saves_lse`): forward keeps the flash kernel's log-sum-exp, and backward
-is that kernel's own backward, as for SDPA.
+Backward works chunk by chunk, accumulating dK/dV (fp32 for half types), so no L x L tensor is kept between
+forward and backward: with dropout by the explicit formulas (the scores and the keep factor recomputed, nothing
+else); otherwise by recomputing the chunk's SDPA under autograd and calling ``torch.autograd.grad``. Except on a
+CPU for the whole-input plan (:func:`saves_lse`): forward keeps the flash kernel's log-sum-exp, and backward is
+that kernel's own backward, as for SDPA.
+
+Layouts: ``out`` follows q (see :func:`out_heads_inner`), the gradients are "heads inner" (``GRADS_HEADS_INNER``),
+the layouts SDPA's CPU kernels return; the op's fake kernel promises exactly these strides.
 """
 
 from __future__ import annotations
