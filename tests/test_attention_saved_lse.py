@@ -119,3 +119,28 @@ def test_a_fallback_backend_never_reads_another_backends_lse() -> None:
     assert attention_op._own_lse(impls, "torch", impls["torch"], lse) is lse
     assert attention_op._own_lse(impls, "auto:triton", impls["triton"], lse) is lse
     assert attention_op._own_lse(impls, "auto:triton", impls["torch"], lse).numel() == 0
+
+
+@pytest.mark.parametrize("nan_row", [False, True])
+@pytest.mark.parametrize("kind", ["none", "key_mask_all_rows_valid", "key_mask"])
+def test_skipped_finishing_passes_change_nothing(monkeypatch, kind: str, nan_row: bool) -> None:
+    """On a CPU the finishing passes (zeroing rows without a key, restoring NaN rows) are skipped when a value check
+    says they would change nothing; elsewhere they always run. Both give the same bits, in every case the check
+    can answer either way."""
+    q, k, v = (t.detach() for t in make_qkv())
+    if nan_row:
+        q[1, 2, 5, 3] = math.nan
+    key_mask = None if kind == "none" else key_mask_of("right")
+    if kind == "key_mask":
+        key_mask[1] = False
+    grad = torch.randn(B, H, LQ, 24, generator=torch.Generator().manual_seed(8))
+
+    def run():
+        out, lse = torch_attention.forward(q, k, v, None, key_mask, None, 0.0, False, SCALE)
+        return (out, *torch_attention.backward(grad, q, k, v, out, lse, None, key_mask, None, 0.0, False, SCALE))
+
+    skipped = run()
+    monkeypatch.setattr(torch_attention, "_nothing_to_change", lambda rows, harmless: False)
+    always = run()
+    for a, b in zip(skipped, always, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -269,3 +269,22 @@ def test_pool_argmax_takes_the_first_nan_and_the_first_maximum():
     assert (argmax[0, 0, 0, 0], argmax[1, 0, 1, 1], argmax[2, 0, 2, 2], argmax[3, 0, 0, 1]) == (0, 1, 1, 0)
     assert out[0, 0, 0, 0].isnan() and out[1, 0, 1, 1].isnan() and out[2, 0, 2, 2].isnan()
     torch.testing.assert_close(out, F.max_pool2d(F.relu(z), 2, 2), equal_nan=True)
+
+
+def test_cpu_relu_mask_equals_the_where_mask_of_other_devices():
+    """The torch backend's ReLU mask in backward: on a CPU threshold_backward plus a NaN fix-up, elsewhere
+    ``where(out > 0, grad, 0)``. Same bits for every pattern: NaN / inf outputs, NaN / inf gradients under
+    ``out <= 0``, zeros, and (fp32 / bf16) with no NaN output at all."""
+    from ptfast.backends.torch import conv as torch_conv
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.relu(torch.randn(3, 5, 7, 9, generator=g)).to(dtype)
+        grad = torch.randn(3, 5, 7, 9, generator=g).to(dtype)
+        assert torch.equal(torch_conv._relu_grad(grad, out), torch.where(out > 0, grad, 0.0))
+        out[0, 1, 2, 3], out[1, 0, 0, 0], out[2, 4, 6, 8] = math.nan, math.inf, 0.0
+        grad[0, 1, 2, 3], grad[2, 4, 6, 8], grad[2, 0, 1, 1] = 1.5, math.nan, math.inf
+        out[2, 0, 1, 1] = 0.0
+        got = torch_conv._relu_grad(grad, out)
+        assert torch.equal(got, torch.where(out > 0, grad, 0.0))
+        assert got[0, 1, 2, 3] == 0 and got[2, 4, 6, 8] == 0 and got[2, 0, 1, 1] == 0

@@ -92,6 +92,8 @@ def _case(name: str, n: int, hw: int, width_divisor: int, frozen: bool) -> Case:
 def _cases(opts: Options) -> list[Case]:
     if opts.quick:
         return [_case("vgg16/8 full @32", 2, 32, 8, False), _case("vgg16/8 frozen-backbone @32", 2, 32, 8, True)]
+    if not opts.cuda and not opts.full:  # CPU: VGG-16's layout at a quarter of the width, 64x64 images
+        return [_case("vgg16/4 full @64", 8, 64, 4, False), _case("vgg16/4 frozen-backbone @64", 8, 64, 4, True)]
     return [_case("vgg16 full @224", 64, 224, 1, False), _case("vgg16 frozen-backbone @224", 64, 224, 1, True)]
 
 

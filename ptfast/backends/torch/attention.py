@@ -347,6 +347,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, c: _Chunk, spec: Spec, col: Tensor 
     return _sdpa_chunk(q, k, v, keep, add, c, spec.scale)
 
 
+def _operand_format(dtype: torch.dtype, spec: Spec) -> tuple[torch.dtype, torch.memory_format]:
+    """(work dtype, memory format) of a chunk's q/k/v/grad. The dropout path's own matmuls want contiguous operands
+    (a transposed (B, L, H, D) view would be copied again by every matmul it enters), made in the same pass as the
+    dtype conversion; SDPA takes any strides."""
+    if spec.dropout_p > 0:
+        return _work_dtype(dtype), torch.contiguous_format
+    return dtype, torch.preserve_format
+
+
 def _col_terms(Lk: int, spec: Spec, device: torch.device) -> Tensor | None:
     if spec.dropout_p == 0:
         return None
@@ -360,19 +369,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
     out_shape = (B, H, Lq, v.shape[-1])
     if q.numel() == 0 or v.shape[-1] == 0 or Lk == 0:
         return _new_out(q, out_shape).zero_()  # no keys: every row is fully excluded -> 0
-    work = _work_dtype(q.dtype) if spec.dropout_p > 0 else q.dtype
+    work, fmt = _operand_format(q.dtype, spec)
     col = _col_terms(Lk, spec, q.device)
     # no_grad: nothing here is differentiated (backward recomputes chunk by chunk), so record no graph.
     with _no_autocast(q.device), torch.no_grad():
         chunks = list(_chunks(B, H, Lq, Lk, spec))
         if len(chunks) == 1:
-            return _as_out(q, _attend(q.to(work), k.to(work), v.to(work), chunks[0], spec, col).to(q.dtype))
+            operands = (t.to(work, memory_format=fmt) for t in (q, k, v))
+            return _as_out(q, _attend(*operands, chunks[0], spec, col).to(q.dtype))
         out = _new_out(q, out_shape)
         kw = vw = None
         for c in chunks:
             if c.r0 == 0:  # new batch block: convert its K/V once
-                kw, vw = k[c.b0 : c.b1].to(work), v[c.b0 : c.b1].to(work)
-            qc = q[c.b0 : c.b1, :, c.r0 : c.r1].to(work)
+                kw, vw = (t[c.b0 : c.b1].to(work, memory_format=fmt) for t in (k, v))
+            qc = q[c.b0 : c.b1, :, c.r0 : c.r1].to(work, memory_format=fmt)
             out[c.b0 : c.b1, :, c.r0 : c.r1] = _attend(qc, kw, vw, c, spec, col)
         return out
 
@@ -388,7 +398,7 @@ def attend_backward(
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return dq, dk, dv
     dropout = spec.dropout_p > 0
-    work = _work_dtype(q.dtype) if dropout else q.dtype
+    work, fmt = _operand_format(q.dtype, spec)
     acc_dtype = _work_dtype(q.dtype)  # dK/dV summed over chunks in fp32 for half inputs
     col = _col_terms(Lk, spec, q.device)
     chunks = list(_chunks(B, H, Lq, Lk, spec))
@@ -398,12 +408,12 @@ def attend_backward(
         kl = vl = dk_acc = dv_acc = None
         for n, c in enumerate(chunks):
             if c.r0 == 0:
-                kl = k[c.b0 : c.b1].detach().to(work).requires_grad_(not dropout)
-                vl = v[c.b0 : c.b1].detach().to(work).requires_grad_(not dropout)
+                kl = k[c.b0 : c.b1].detach().to(work, memory_format=fmt).requires_grad_(not dropout)
+                vl = v[c.b0 : c.b1].detach().to(work, memory_format=fmt).requires_grad_(not dropout)
                 dk_acc = dv_acc = None
             rows = (slice(c.b0, c.b1), slice(None), slice(c.r0, c.r1))
-            ql = q[rows].detach().to(work)
-            g = grad[rows].to(work)
+            ql = q[rows].detach().to(work, memory_format=fmt)
+            g = grad[rows].to(work, memory_format=fmt)
             if dropout:
                 gq, gk, gv = _dropout_chunk_backward(g, out[rows].to(work), ql, kl, vl, c, spec, col)
             else:
