@@ -1,0 +1,144 @@
+"""ptfast vs the stock PyTorch composition, interleaved: a robust ratio on a noisy machine (CPU issue's rows).
+
+``benchmarks.run`` times each provider in its own block of repetitions, so on a shared machine whose speed drifts
+(a 2-core VM, say) two runs of the same code can differ by 20%. Here each round times ptfast and stock back to
+back (the best of ``--inner`` calls each) and keeps the ratio of that round; the median and p20-p80 of the ratios
+over ``--rounds`` rounds are reported. Forward+backward and forward-only (under ``no_grad``), fp32.
+
+    python -m benchmarks.interleaved --rounds 15 --out benchmarks/results/cpu-x86-64/interleaved.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import ptfast
+from benchmarks.env import cpu_name, git_commit
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        out = fn()
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    return step
+
+
+def _fwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            fn()
+
+    return step
+
+
+def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
+    """name -> (ptfast step, stock step): the CPU issue's shapes."""
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    B, H, L, D = 8, 4, 128, 64
+    lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
+    key_mask = torch.arange(L)[None, :] < lengths[:, None]
+    bool_mask = key_mask[:, None, None, :]
+    for layout in ("BHLD", "BLHD"):
+        if layout == "BHLD":
+            leaves = [torch.randn(B, H, L, D, generator=g).requires_grad_() for _ in range(3)]
+            q, k, v = leaves
+        else:  # a Transformer's projections: (B, L, H, D) transposed
+            leaves = [torch.randn(B, L, H, D, generator=g).requires_grad_() for _ in range(3)]
+            q, k, v = (t.transpose(1, 2) for t in leaves)
+        for p in (0.0, 0.1):
+
+            def ours(p=p, q=q, k=k, v=v):
+                return ptfast.attention(q, k, v, key_mask=key_mask, dropout_p=p)
+
+            def stock(p=p, q=q, k=k, v=v):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=p)
+
+            name = f"attention B{B} H{H} L{L} D{D} key_mask p{p:g} {layout}"
+            rows[f"{name} fwd+bwd"] = (_fwd_bwd(ours, leaves), _fwd_bwd(stock, leaves))
+            rows[f"{name} fwd"] = (_fwd(ours), _fwd(stock))
+    for c, s in ((64, 32), (128, 16), (256, 8)):
+        x = torch.randn(32, c, s, s, generator=g).requires_grad_()
+        w = (torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5).requires_grad_()
+        b = torch.randn(c, generator=g).requires_grad_()
+        for pool in (True, False):
+            op = "conv_relu_pool" if pool else "conv_relu"
+
+            def ours(x=x, w=w, b=b, pool=pool):
+                return (ptfast.conv_relu_pool if pool else ptfast.conv_relu)(x, w, b)
+
+            def stock(x=x, w=w, b=b, pool=pool):
+                y = F.relu(F.conv2d(x, w, b, padding=1))
+                return F.max_pool2d(y, 2) if pool else y
+
+            rows[f"{op} N32 {c}->{c} @{s} fwd+bwd"] = (_fwd_bwd(ours, [x, w, b]), _fwd_bwd(stock, [x, w, b]))
+            rows[f"{op} N32 {c}->{c} @{s} fwd"] = (_fwd(ours), _fwd(stock))
+    return rows
+
+
+def measure(rounds: int, inner: int) -> list[tuple[str, float, float, float]]:
+    rows = _rows()
+    for ours, stock in rows.values():  # warm-up
+        ours(), stock(), ours(), stock()
+    ratios: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, (ours, stock) in rows.items():
+            t_ours, t_stock = [], []
+            for _ in range(inner):
+                t0 = time.perf_counter()
+                ours()
+                t_ours.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                stock()
+                t_stock.append(time.perf_counter() - t0)
+            ratios[name].append(min(t_stock) / min(t_ours))
+    out = []
+    for name, r in ratios.items():
+        r.sort()
+        out.append((name, statistics.median(r), r[len(r) // 5], r[(4 * len(r)) // 5]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write a markdown table here")
+    args = ap.parse_args()
+    commit = git_commit()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results = measure(args.rounds, args.inner)
+    lines = [
+        "# ptfast vs stock PyTorch on CPU, interleaved (speed ratio: stock time / ptfast time, > 1 = ptfast faster)",
+        "",
+        f"**CPU run**: {cpu_name()} · torch {torch.__version__} · ptfast {ptfast.__version__} · "
+        f"{torch.get_num_threads()} torch threads · "
+        f"date (UTC) {started} · commit `{commit}` · fp32 · {args.rounds} rounds, best of {args.inner} per round",
+        "",
+        "Command: `python -m benchmarks.interleaved "
+        + f"--rounds {args.rounds} --inner {args.inner}"
+        + (f" --out {args.out}`" if args.out else "`"),
+        "",
+        "Stock: `F.scaled_dot_product_attention` with the bool mask `(B, 1, 1, L)` (dropout: SDPA's own); "
+        "`F.relu(F.conv2d(...))` (+ `F.max_pool2d(2)`). BHLD: contiguous q/k/v; BLHD: transposes of (B, L, H, D).",
+        "",
+        "| row | median ratio | p20–p80 |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {med:.3f} | {lo:.3f}–{hi:.3f} |" for name, med, lo, hi in results]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
