@@ -270,15 +270,23 @@ def train_single(env: Env, model: nn.Module, make_opt, steps: int, loss_fn, *, a
     sched = _linear_schedule(opt, steps)
     losses = []
     for i in tqdm(range(steps), desc=label, disable=not env.progress, leave=False, dynamic_ncols=True):
-        opt.zero_grad(set_to_none=True)
-        torch.manual_seed(seed + i)
-        with env.autocast(amp):
-            loss = loss_fn(model, i)
-        loss.backward()
-        opt.step()
+        loss = _train_step(env, model, opt, loss_fn, i, amp=amp, seed=seed)
         sched.step()
         losses.append(loss.item())
     return losses
+
+
+def _train_step(
+    env: Env, model: nn.Module, opt: torch.optim.Optimizer, loss_fn, i: int, *, amp: bool, seed: int
+) -> torch.Tensor:
+    """Step ``i`` of a run seeded like :func:`train_side_by_side` (torch seed ``seed + i``); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    torch.manual_seed(seed + i)
+    with env.autocast(amp):
+        loss = loss_fn(model, i)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 def _twins(env: Env, stock: nn.Module, stage: Stage, *, record: bool = True) -> dict[str, nn.Module]:
@@ -355,12 +363,7 @@ def _continue_training(
     run's seeding); returns their seconds."""
     start = time.perf_counter()
     for i in range(first, first + steps):
-        opt.zero_grad(set_to_none=True)
-        torch.manual_seed(seed + i)
-        with env.autocast(amp):
-            loss = loss_fn(model, i)
-        loss.backward()
-        opt.step()
+        _train_step(env, model, opt, loss_fn, i, amp=amp, seed=seed)
     env.sync()
     return time.perf_counter() - start
 

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from ptfast import _dispatch, _dropout, _validation, verification
+from ptfast import _attention_layout, _dispatch, _dropout, _validation, verification
 from ptfast._eager import RegisteredOp
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import attention as torch_attention
@@ -89,23 +89,12 @@ def _heads_inner(impls: dict, backend: str, q: Tensor, what: str) -> bool:
     return bool(getattr(impl, "GRADS_HEADS_INNER", False))
 
 
-def _layout_strides(shape: tuple, heads_inner: bool) -> tuple[int, ...]:
-    _, H, L, D = shape
-    H, L, D = max(H, 1), max(L, 1), max(D, 1)  # strides as torch.empty computes them (a 0 size counts as 1)
-    return (L * H * D, D, H * D, 1) if heads_inner else (H * L * D, L * D, D, 1)
-
-
-def _new_in_layout(like: Tensor, shape: tuple, heads_inner: bool) -> Tensor:
-    # empty_strided, not a transposed view: autograd refuses in-place edits of a custom op's output that is a view
-    return like.new_empty_strided(tuple(shape), _layout_strides(shape, heads_inner))
-
-
 def _in_layout(t: Tensor, heads_inner: bool) -> Tensor:
     """``t`` in the layout the fake kernel promised (exact strides: compiled code relies on them); a copy only when
     ``auto`` fell back to another backend than the one the call was traced for."""
-    if t.stride() == _layout_strides(t.shape, heads_inner):
+    if t.stride() == _attention_layout.strides(t.shape, heads_inner):
         return t
-    return _new_in_layout(t, t.shape, heads_inner).copy_(t)
+    return _attention_layout.new_empty(t, t.shape, heads_inner).copy_(t)
 
 
 def _own_lse(impls: dict, backend: str, impl: object, lse: Tensor) -> Tensor:
@@ -155,7 +144,7 @@ ATTENTION = RegisteredOp("ptfast::attention", _attention_impl)
 def _(q, k, v, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
     B, H, Lq, _ = q.shape
     call = (q, attn_mask, key_mask, dropout_p, is_causal, scale)
-    out = _new_in_layout(q, (B, H, Lq, v.shape[-1]), _heads_inner(_IMPLS, backend, q, "out"))
+    out = _attention_layout.new_empty(q, (B, H, Lq, v.shape[-1]), _heads_inner(_IMPLS, backend, q, "out"))
     return out, _lse(_IMPLS, backend, q, (B, H, Lq), call)
 
 
@@ -192,7 +181,7 @@ ATTENTION_BACKWARD = RegisteredOp("ptfast::attention_backward", _attention_backw
 @ATTENTION_BACKWARD.register_fake
 def _(grad, q, k, v, out, lse, attn_mask, key_mask, seed, dropout_p, is_causal, scale, backend):
     heads_inner = _heads_inner(_IMPLS, backend, q, "grads")
-    return tuple(_new_in_layout(t, t.shape, heads_inner) for t in (q, k, v))
+    return tuple(_attention_layout.new_empty(t, t.shape, heads_inner) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:

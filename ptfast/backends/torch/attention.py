@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ptfast import _dropout
+from ptfast import _attention_layout, _dropout
 
 # The CPU flash kernel's dtypes whose log-sum-exp is fp32 (the op's lse dtype); fp64 recomputes instead.
 _FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,43 +80,24 @@ class _Chunk:
 GRADS_HEADS_INNER = True
 
 
-def _heads_inner_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    _, H, L, D = shape
-    H, L, D = max(H, 1), max(L, 1), max(D, 1)  # strides as torch.empty computes them (a 0 size counts as 1)
-    return (L * H * D, D, H * D, 1)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    _, H, L, D = shape
-    H, L, D = max(H, 1), max(L, 1), max(D, 1)
-    return (H * L * D, L * D, D, 1)
-
-
 def out_heads_inner(q: Tensor) -> bool:
     """Whether ``out`` is laid out heads inner for this query: exactly when the query itself is."""
-    return q.stride() == _heads_inner_strides(q.shape)
-
-
-def _heads_inner_empty(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """An uninitialized heads-inner tensor (not a transposed view: autograd lets a user modify an op's output in
-    place only if it is not a view)."""
-    return like.new_empty_strided(tuple(shape), _heads_inner_strides(shape))
+    return q.stride() == _attention_layout.strides(q.shape, True)
 
 
 def _heads_inner_zeros(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    return _heads_inner_empty(like, shape).zero_()
+    return _attention_layout.new_empty(like, shape, True).zero_()
 
 
 def _new_out(q: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
     """An uninitialized ``out`` in its layout (:func:`out_heads_inner`)."""
-    return _heads_inner_empty(q, shape) if out_heads_inner(q) else q.new_empty(shape)
+    return _attention_layout.new_empty(q, shape, out_heads_inner(q))
 
 
 def _as_out(q: Tensor, result: Tensor) -> Tensor:
     """``result`` as ``out``: itself where it already has the layout (no new buffer: on a CPU a fresh megabyte costs
     its page faults), else a copy that has it."""
-    heads_inner = out_heads_inner(q)
-    if result.stride() == (_heads_inner_strides if heads_inner else _contiguous_strides)(result.shape):
+    if result.stride() == _attention_layout.strides(result.shape, out_heads_inner(q)):
         # The CPU flash kernel's output is a transposed view of its own buffer: detach() shares the memory but is
         # no view, since autograd refuses in-place edits of a custom op's output that is one.
         return result.detach() if result._is_view() else result
