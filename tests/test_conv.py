@@ -271,6 +271,63 @@ def test_pool_argmax_takes_the_first_nan_and_the_first_maximum():
     torch.testing.assert_close(out, F.max_pool2d(F.relu(z), 2, 2), equal_nan=True)
 
 
+def _first_of_each_window(z: torch.Tensor) -> torch.Tensor:
+    """The contract's window offset (row-major 0..3): the first NaN, else the first maximum."""
+    n, c, h, w = z.shape
+    ho, wo = h // 2, w // 2
+    windows = z[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, 4)
+    nan = windows.isnan()
+    first_nan = torch.where(nan.any(-1), nan.to(torch.uint8).argmax(-1), -1)
+    return torch.where(first_nan >= 0, first_nan, windows.nan_to_num(-math.inf).argmax(-1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_pool_argmax_contract_holds_with_several_channels(channels_last):
+    """On a CPU the fp32 conv and pool run in channels-last whatever x's layout (backends/torch/conv.py), where
+    PyTorch's pooling kernel is another one than for NCHW: ties still go to the first maximum, NaN windows to the
+    first NaN, and the gradients follow. An identity 1x1 conv over small integers: many exact ties."""
+    c = 3
+    x = torch.randint(-3, 4, (2, c, 6, 7), generator=torch.Generator().manual_seed(5)).float()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.eye(c).view(c, c, 1, 1)
+    out, argmax = torch.ops.ptfast.conv_relu(x, weight, None, None, 1, 0, True, True, "torch")
+    assert torch.equal(argmax.long(), _first_of_each_window(x))
+    x.requires_grad_()
+    grad = torch.randn(2, c, 3, 3, generator=torch.Generator().manual_seed(6))
+    (dx,) = torch.autograd.grad(ptfast.conv_relu_pool(x, weight, None, padding=0), x, grad)
+    ref = conv_relu_ref(x, weight, None, 0, pool=True)
+    (dref,) = torch.autograd.grad(ref, x, grad.double())
+    assert torch.equal(dx.double(), dref)
+
+    nan_x = x.detach().clone()  # a NaN reaches every channel through the zero weights (0 * NaN)
+    nan_x[0, 1, 0, 0] = nan_x[0, 1, 1, 1] = nan_x[1, 2, 3, 3] = nan_x[1, 0, 2, 2] = math.nan
+    out, argmax = torch.ops.ptfast.conv_relu(nan_x, weight, None, None, 1, 0, True, True, "torch")
+    z = F.conv2d(nan_x.double(), weight.double())
+    assert torch.equal(argmax.long(), _first_of_each_window(z))
+    assert torch.equal(out.isnan(), F.max_pool2d(z, 2, 2).isnan())
+
+
+@pytest.mark.parametrize("cin", [1, 3], ids=["one_channel", "three_channels"])
+def test_cpu_fp32_pooling_runs_channels_last(monkeypatch, cin):
+    """The intended path ran: on a CPU the fp32 conv + pool forward runs channels-last (its NCHW pooling kernel is
+    ~20x slower), one input channel included (ambiguous strides), and the results come back in x's layout."""
+    seen = []
+    real_conv2d = F.conv2d
+
+    def spy(x, *args, **kwargs):
+        z = real_conv2d(x, *args, **kwargs)
+        seen.append((z.dtype, z.stride(1) == 1))
+        return z
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    x, weight, b = _make(cin=cin)
+    out = ptfast.conv_relu_pool(x, weight, b)
+    assert seen == [(torch.float32, True)] and out.is_contiguous()
+    ptfast.conv_relu_pool(x.double(), weight.double(), b.double())
+    assert seen[1] == (torch.float64, False)  # fp64 is not oneDNN's: it stays in x's layout
+
+
 def test_cpu_relu_mask_equals_the_where_mask_of_other_devices():
     """The torch backend's ReLU mask in backward: on a CPU threshold_backward plus a NaN fix-up, elsewhere
     ``where(out > 0, grad, 0)``. Same bits for every pattern: NaN / inf outputs, NaN / inf gradients under
