@@ -83,8 +83,8 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     return rows
 
 
-def measure(rounds: int, inner: int) -> list[tuple[str, float, float, float]]:
-    rows = _rows()
+def measure(rounds: int, inner: int, only: str | None = None) -> list[tuple[str, float, float, float]]:
+    rows = {name: steps for name, steps in _rows().items() if only is None or only in name}
     for ours, stock in rows.values():  # warm-up
         ours(), stock(), ours(), stock()
     ratios: dict[str, list[float]] = {name: [] for name in rows}
@@ -110,11 +110,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--inner", type=int, default=3)
+    ap.add_argument("--only", default=None, help="only the rows whose name contains this text")
     ap.add_argument("--out", default=None, help="write a markdown table here")
     args = ap.parse_args()
     commit = git_commit()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    results = measure(args.rounds, args.inner)
+    results = measure(args.rounds, args.inner, args.only)
     lines = [
         "# ptfast vs stock PyTorch on CPU, interleaved (speed ratio: stock time / ptfast time, > 1 = ptfast faster)",
         "",
@@ -124,6 +125,7 @@ def main() -> None:
         "",
         "Command: `python -m benchmarks.interleaved "
         + f"--rounds {args.rounds} --inner {args.inner}"
+        + (f" --only '{args.only}'" if args.only else "")
         + (f" --out {args.out}`" if args.out else "`"),
         "",
         "Stock: `F.scaled_dot_product_attention` with the bool mask `(B, 1, 1, L)` (dropout: SDPA's own); "

@@ -141,6 +141,45 @@ def test_skipped_finishing_passes_change_nothing(monkeypatch, kind: str, nan_row
 
     skipped = run()
     monkeypatch.setattr(torch_attention, "_nothing_to_change", lambda rows, harmless: False)
+    monkeypatch.setattr(torch_attention, "_mask_cache", torch_attention._MaskCache())  # its answer was cached
     always = run()
     for a, b in zip(skipped, always, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_mask_conversion_is_reused_only_while_the_mask_is_unchanged() -> None:
+    """The whole-input plan converts a padding mask once and reuses it for later calls with the same, unmodified
+    mask tensor (every layer of a Transformer, forward and backward). An in-place edit, another mask tensor or
+    another dtype converts again: never a stale mask."""
+    q, k, v = (t.detach() for t in make_qkv())
+    key_mask = key_mask_of("right")
+    call = (None, key_mask, None, 0.0, False, SCALE)
+    first, _ = torch_attention.forward(q, k, v, *call)
+    converted = torch_attention._mask_cache.value[0]
+    again, _ = torch_attention.forward(q, k, v, *call)
+    assert torch_attention._mask_cache.value[0] is converted  # reused, not rebuilt
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+    key_mask[0, :3] = False  # in place: the version counter moves on
+    edited, _ = torch_attention.forward(q, k, v, *call)
+    assert torch_attention._mask_cache.value[0] is not converted
+    spec = torch_attention.Spec(None, key_mask.clone(), None, 0.0, False, SCALE)
+    torch.testing.assert_close(edited, torch_attention.attend(q, k, v, spec), rtol=0, atol=0)
+    assert not torch.equal(edited, first)
+
+    other = key_mask.clone()
+    other[1, :5] = False
+    fresh, _ = torch_attention.forward(q, k, v, None, other, None, 0.0, False, SCALE)
+    spec = torch_attention.Spec(None, other.clone(), None, 0.0, False, SCALE)
+    torch.testing.assert_close(fresh, torch_attention.attend(q, k, v, spec), rtol=0, atol=0)
+
+    half = tuple(t.to(torch.float16) for t in (q, k, v))
+    torch_attention.forward(*half, None, other, None, 0.0, False, SCALE)
+    assert torch_attention._mask_cache.value[0].dtype == torch.float16
+
+    with torch.inference_mode():
+        frozen = other.clone()
+        torch_attention.forward(q, k, v, None, frozen, None, 0.0, False, SCALE)
+        before = torch_attention._mask_cache.value
+        torch_attention.forward(q, k, v, None, frozen, None, 0.0, False, SCALE)
+        assert torch_attention._mask_cache.value is not before  # no version counter: converted, not reused

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -414,20 +416,76 @@ def _empty_lse(q: Tensor) -> Tensor:
     return q.new_empty(0, dtype=torch.float32)
 
 
+class _MaskCache(threading.local):
+    """The last whole-input mask conversion of this thread (see :func:`_whole_input_mask`)."""
+
+    key: tuple | None = None
+    value: tuple | None = None
+
+
+_mask_cache = _MaskCache()
+
+
+def _mask_identity(mask: Tensor | None) -> tuple:
+    """What identifies a mask's contents between calls: the tensor itself (held weakly) and its version counter,
+    which every in-place edit bumps. Inference tensors have no version counter: never reused."""
+    if mask is None:
+        return (None, 0)
+    if mask.is_inference():
+        return (object(), 0)  # equal to nothing
+    return (weakref.ref(mask), mask._version)
+
+
+def _same_identity(a: tuple, b: tuple) -> bool:
+    ref_a, ref_b = a[0], b[0]
+    if ref_a is None or ref_b is None:
+        return ref_a is ref_b and a[1] == b[1]
+    if not (isinstance(ref_a, weakref.ref) and isinstance(ref_b, weakref.ref)):
+        return False
+    obj = ref_a()
+    return obj is not None and obj is ref_b() and a[1] == b[1]
+
+
+def _whole_input_mask(q: Tensor, spec: Spec, Lk: int) -> tuple[Tensor | None, Tensor | None, bool]:
+    """(SDPA's additive mask, the rows that have a key, whether every row has one) for the whole-input plan.
+
+    A Transformer hands the same padding mask to every layer, forward and backward: the conversion (a few small
+    ops, whose fixed cost on a CPU is what this plan otherwise adds to SDPA) is done once per mask and dtype and
+    reused while the mask tensors are alive and unmodified (identity and version counter)."""
+    if spec.attn_mask is None and spec.key_mask is None:
+        return None, None, False
+    key = (_mask_identity(spec.attn_mask), _mask_identity(spec.key_mask), q.dtype, q.device, Lk)
+    cached = _mask_cache.key
+    if (
+        cached is not None
+        and cached[2:] == key[2:]
+        and _same_identity(cached[0], key[0])
+        and _same_identity(cached[1], key[1])
+    ):
+        return _mask_cache.value
+    B, Lq = q.shape[0], q.shape[2]
+    m, valid = _sdpa_mask(q, *_chunk_masks(spec, _Chunk(0, B, 0, Lq, spec.is_causal), Lk, q.device))
+    value = (m, valid, _nothing_to_change(valid, True))
+    _mask_cache.key, _mask_cache.value = key, value
+    return value
+
+
 def _flash_cpu_forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
     """The whole-input plan through the CPU flash kernel itself: (out laid out heads inner, its row log-sum-exp)."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.numel() == 0 or v.shape[-1] == 0 or Lk == 0:
         return _new_out(q, (B, H, Lq, v.shape[-1])).zero_(), q.new_zeros((B, H, Lq), dtype=torch.float32)
-    c = _Chunk(0, B, 0, Lq, spec.is_causal)
     with _no_autocast(q.device), torch.no_grad():
-        m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
+        m, valid, all_valid = _whole_input_mask(q, spec, Lk)
         raw, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
+            q, k, v, 0.0, spec.is_causal, attn_mask=m, scale=spec.scale
         )
         # The kernel's output has q's layout (checked, not assumed): finish it in place.
-        return _sdpa_finish(_as_out(q, raw), q, valid, inplace=True), lse.contiguous()
+        out = _as_out(q, raw)
+        if valid is not None and all_valid:
+            return out, lse.contiguous()
+        return _sdpa_finish(out, q, valid, inplace=True), lse.contiguous()
 
 
 def _flash_cpu_backward(
@@ -440,12 +498,13 @@ def _flash_cpu_backward(
     Lk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return tuple(_heads_inner_zeros(t, t.shape) for t in (q, k, v))
-    c = _Chunk(0, B, 0, Lq, spec.is_causal)
     with _no_autocast(q.device), torch.no_grad():
-        m, valid = _sdpa_mask(q, *_chunk_masks(spec, c, Lk, q.device))
-        g = _sdpa_finish_backward(grad.to(q.dtype), q, valid)
+        m, valid, all_valid = _whole_input_mask(q, spec, Lk)
+        g = grad.to(q.dtype)
+        if not (valid is not None and all_valid):
+            g = _sdpa_finish_backward(g, q, valid)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g, q, k, v, out, lse, 0.0, c.sdpa_causal, attn_mask=m, scale=spec.scale
+            g, q, k, v, out, lse, 0.0, spec.is_causal, attn_mask=m, scale=spec.scale
         )
         return grads  # already heads inner: the kernel's own layout
 
