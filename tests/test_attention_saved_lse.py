@@ -16,6 +16,8 @@ import torch
 import ptfast
 from ptfast.backends.torch import attention as torch_attention
 from ptfast.ops import attention as attention_op
+from ptfast.testing import record_dispatch
+from tests.helpers import assert_ran
 from tests.test_attention import LK, LQ, B, H, key_mask_of, make_qkv
 
 SCALE = 1 / math.sqrt(24)
@@ -183,3 +185,86 @@ def test_mask_conversion_is_reused_only_while_the_mask_is_unchanged() -> None:
         before = torch_attention._mask_cache.value
         torch_attention.forward(q, k, v, None, frozen, None, 0.0, False, SCALE)
         assert torch_attention._mask_cache.value is not before  # no version counter: converted, not reused
+
+
+def _route_masks(kind: str):
+    """(attn_mask, key_mask, is_causal) of whole-input plans where every query row has a key."""
+    if kind == "none":
+        return None, None, False
+    if kind == "causal":
+        return None, None, True
+    km = key_mask_of("right")
+    if kind == "key_mask":
+        return None, km, False
+    if kind == "bool_b11k":
+        return km[:, None, None, :], None, False
+    return torch.randn(B, 1, 1, LK), km, False  # float (B, 1, 1, Lk) and a key mask
+
+
+def _attention_and_grads(q, k, v, masks, grad):
+    attn_mask, key_mask, causal = masks
+    with record_dispatch() as events:
+        out = ptfast.attention(q, k, v, attn_mask, is_causal=causal, key_mask=key_mask)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    return out, grads, events
+
+
+def _is_flash_node(out: torch.Tensor) -> bool:
+    return "FlashAttentionForCpu" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("noncontig", [False, True], ids=["BHLD", "BLHD"])
+@pytest.mark.parametrize("kind", ["none", "causal", "key_mask", "bool_b11k", "float_and_key_mask"])
+def test_auto_runs_the_flash_kernel_as_its_own_autograd_node(kind: str, noncontig: bool) -> None:
+    """Under ``auto`` an eager CPU call of the whole-input plan (no dropout) runs PyTorch's flash kernel under
+    PyTorch's own autograd instead of the op's custom Function (whose Python cost ~100 us per call each way). Same
+    kernel and arguments as the explicit torch backend: the same bits forward and backward, and recorded."""
+    q, k, v = make_qkv(noncontig=noncontig)
+    masks = _route_masks(kind)
+    grad = torch.randn(B, H, LQ, 24, generator=torch.Generator().manual_seed(11))
+    out, grads, events = _attention_and_grads(q, k, v, masks, grad)
+    assert _is_flash_node(out)
+    assert_ran(events, "attention", "torch", ("forward", "backward"))
+    with ptfast.use_backend("torch"):
+        want, want_grads, _ = _attention_and_grads(q, k, v, masks, grad)
+    assert not _is_flash_node(want)  # the explicit backend runs the op
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for got, ref in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_auto_runs_the_op_where_the_kernel_alone_would_differ() -> None:
+    """The route is taken only where the kernel's result needs no finishing pass: a batch element without any key
+    (its rows are 0, not what the kernel gives), a NaN query row without a mask (the kernel returns 0 there, the
+    contract NaN), dropout, autocast, and calls that are not plain eager ones run the op."""
+    q, k, v = make_qkv()
+    grad = torch.randn(B, H, LQ, 24, generator=torch.Generator().manual_seed(12))
+    km = key_mask_of("right")
+    km[1] = False
+    out, grads, _ = _attention_and_grads(q, k, v, (None, km, False), grad)
+    assert not _is_flash_node(out) and out[1].abs().max() == 0 and grads[0][1].abs().max() == 0
+
+    nan_q = q.detach().clone()
+    nan_q[0, 1, 4, 7] = math.nan
+    nan_q.requires_grad_()
+    out = ptfast.attention(nan_q, k, v)
+    assert not _is_flash_node(out) and out[0, 1, 4].isnan().all() and not out[0, 1, 5].isnan().any()
+
+    assert not _is_flash_node(ptfast.attention(q, k, v, dropout_p=0.1, key_mask=key_mask_of("right")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _is_flash_node(ptfast.attention(q, k, v, key_mask=key_mask_of("right")))
+    with torch.inference_mode():
+        out = ptfast.attention(q, k, v, key_mask=key_mask_of("right"))  # no graph either way: same values
+    torch.testing.assert_close(out, ptfast.attention(q, k, v, key_mask=key_mask_of("right")), rtol=0, atol=0)
+
+
+def test_a_mask_converted_under_inference_mode_serves_a_training_call() -> None:
+    """The converted mask is cached; made under inference_mode it would be an inference tensor, which autograd
+    cannot save for the kernel's backward. It is made as an ordinary tensor."""
+    q, k, v = make_qkv()
+    key_mask = key_mask_of("right")
+    with torch.inference_mode():
+        ptfast.attention(q, k, v, key_mask=key_mask)
+    out = ptfast.attention(q, k, v, key_mask=key_mask)
+    assert _is_flash_node(out)
+    torch.autograd.grad(out.sum(), (q, k, v))

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _attention_layout, _dispatch, _dropout, _validation, verification
-from ptfast._eager import RegisteredOp
+from ptfast._eager import RegisteredOp, direct_call_allowed
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import attention as torch_attention
 from ptfast.backends.torch import attention_varlen as torch_attention_varlen
@@ -527,9 +527,33 @@ def attention(
         device=query.device, shape_class=shape_class, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
+    if backend == "torch" and dropout_p == 0 and _dispatch.requested_backend() == "auto":
+        out = _eager_flash(query, key, value, mask, key_mask, bool(is_causal), scale_f)
+        if out is not None:
+            return out
     seed = _seed(dropout_p, query.device)
     out, _ = ATTENTION(query, key, value, mask, key_mask, seed, float(dropout_p), bool(is_causal), scale_f, backend)
     return out
+
+
+def _eager_flash(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, key_mask: Tensor | None, is_causal: bool, scale: float
+) -> Tensor | None:
+    """``auto``'s CPU route around the op's own Python (see ``torch_attention.eager_flash``): eager calls on plain
+    tensors only, recorded as the torch backend's forward and (through a hook on ``out``) backward."""
+    if not direct_call_allowed((q, k, v, mask, key_mask)):
+        return None
+    out = torch_attention.eager_flash(q, k, v, mask, key_mask, is_causal, scale)
+    if out is None:
+        return None
+    _dispatch.record("attention", "torch", "forward")
+    if out.requires_grad:
+        out.register_hook(_record_backward)  # runs as the kernel's backward is about to
+    return out
+
+
+def _record_backward(grad: Tensor) -> None:
+    _dispatch.record("attention", "torch", "backward")
 
 
 def attention_varlen(

@@ -43,6 +43,8 @@ from ptfast import _attention_layout, _dropout
 # The CPU flash kernel's dtypes whose log-sum-exp is fp32 (the op's lse dtype); fp64 recomputes instead.
 _FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
 CHUNK_BUDGET_BYTES = 128 << 20
 # Bytes per (batch, head, query, key) element a chunk allocates at its peak (rough upper bounds):
 _BYTES_MASKED = 16  # combined mask (SDPA turns a bool mask into a float one) + bool temporaries
@@ -464,7 +466,10 @@ def _whole_input_mask(q: Tensor, spec: Spec, Lk: int) -> tuple[Tensor | None, Te
     ):
         return _mask_cache.value
     B, Lq = q.shape[0], q.shape[2]
-    m, valid = _sdpa_mask(q, *_chunk_masks(spec, _Chunk(0, B, 0, Lq, spec.is_causal), Lk, q.device))
+    # Ordinary tensors even inside inference_mode: a later training call may reuse them, and autograd saves the
+    # mask of the kernel it records (eager_flash).
+    with torch.inference_mode(False):
+        m, valid = _sdpa_mask(q, *_chunk_masks(spec, _Chunk(0, B, 0, Lq, spec.is_causal), Lk, q.device))
     value = (m, valid, _nothing_to_change(valid, True))
     _mask_cache.key, _mask_cache.value = key, value
     return value
@@ -486,6 +491,33 @@ def _flash_cpu_forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Ten
         if valid is not None and all_valid:
             return out, lse.contiguous()
         return _sdpa_finish(out, q, valid, inplace=True), lse.contiguous()
+
+
+def eager_flash(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_mask: Tensor | None, is_causal: bool, scale: float
+) -> Tensor | None:
+    """The whole-input plan of an eager call without dropout, as PyTorch's own differentiable flash kernel on a CPU:
+    ``out``, or None where that would not give exactly what the op gives (then the op runs).
+
+    Same kernel, same arguments (the converted mask included) as :func:`_flash_cpu_forward` and
+    :func:`_flash_cpu_backward`, so the same bits forward and backward; but recorded by autograd as the kernel's
+    own node instead of the op's custom Function, whose forward and backward cost ~100 us of Python each per call
+    (measured): on a CPU that is what kept this plan 5-10% slower than SDPA itself. Taken only where no finishing
+    pass is needed: every query row has a key (mask), or no query row holds a NaN (no mask; the kernel would return
+    0 there). The caller checks the call is eager on plain tensors under ``auto`` (compiled code, dispatch modes and
+    an explicit backend run the op). ``out`` has the layout the kernel gives (SDPA's).
+    """
+    if q.device.type != "cpu" or torch.is_autocast_enabled("cpu"):  # autocast: the op, which turns it off inside
+        return None
+    if not saves_lse(q, attn_mask, key_mask, 0.0, is_causal, scale) or q.numel() == 0 or k.shape[2] == 0:
+        return None
+    # No gradient can flow into the masks (bool, or a float mask the wrapper checked needs none): no no_grad needed.
+    m, valid, all_valid = _whole_input_mask(q, Spec(attn_mask, key_mask, None, 0.0, is_causal, scale), k.shape[2])
+    if valid is None and bool(torch.isnan(q).any()):
+        return None
+    if valid is not None and not all_valid:
+        return None
+    return _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=m, scale=scale)[0]
 
 
 def _flash_cpu_backward(
