@@ -64,22 +64,24 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
             name = f"attention B{B} H{H} L{L} D{D} key_mask p{p:g} {layout}"
             rows[f"{name} fwd+bwd"] = (_fwd_bwd(ours, leaves), _fwd_bwd(stock, leaves))
             rows[f"{name} fwd"] = (_fwd(ours), _fwd(stock))
-    for c, s in ((64, 32), (128, 16), (256, 8)):
-        x = torch.randn(32, c, s, s, generator=g).requires_grad_()
-        w = (torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5).requires_grad_()
-        b = torch.randn(c, generator=g).requires_grad_()
-        for pool in (True, False):
-            op = "conv_relu_pool" if pool else "conv_relu"
+    for fmt, layout in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "NHWC")):
+        for c, s in ((64, 32), (128, 16), (256, 8)):
+            x = torch.randn(32, c, s, s, generator=g).contiguous(memory_format=fmt).requires_grad_()
+            w = (torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5).contiguous(memory_format=fmt).requires_grad_()
+            b = torch.randn(c, generator=g).requires_grad_()
+            for pool in (True, False):
+                op = "conv_relu_pool" if pool else "conv_relu"
 
-            def ours(x=x, w=w, b=b, pool=pool):
-                return (ptfast.conv_relu_pool if pool else ptfast.conv_relu)(x, w, b)
+                def ours(x=x, w=w, b=b, pool=pool):
+                    return (ptfast.conv_relu_pool if pool else ptfast.conv_relu)(x, w, b)
 
-            def stock(x=x, w=w, b=b, pool=pool):
-                y = F.relu(F.conv2d(x, w, b, padding=1))
-                return F.max_pool2d(y, 2) if pool else y
+                def stock(x=x, w=w, b=b, pool=pool):
+                    y = F.relu(F.conv2d(x, w, b, padding=1))
+                    return F.max_pool2d(y, 2) if pool else y
 
-            rows[f"{op} N32 {c}->{c} @{s} fwd+bwd"] = (_fwd_bwd(ours, [x, w, b]), _fwd_bwd(stock, [x, w, b]))
-            rows[f"{op} N32 {c}->{c} @{s} fwd"] = (_fwd(ours), _fwd(stock))
+                name = f"{op} N32 {c}->{c} @{s} {layout}"
+                rows[f"{name} fwd+bwd"] = (_fwd_bwd(ours, [x, w, b]), _fwd_bwd(stock, [x, w, b]))
+                rows[f"{name} fwd"] = (_fwd(ours), _fwd(stock))
     return rows
 
 
@@ -129,7 +131,8 @@ def main() -> None:
         + (f" --out {args.out}`" if args.out else "`"),
         "",
         "Stock: `F.scaled_dot_product_attention` with the bool mask `(B, 1, 1, L)` (dropout: SDPA's own); "
-        "`F.relu(F.conv2d(...))` (+ `F.max_pool2d(2)`). BHLD: contiguous q/k/v; BLHD: transposes of (B, L, H, D).",
+        "`F.relu(F.conv2d(...))` (+ `F.max_pool2d(2)`). BHLD: contiguous q/k/v; BLHD: transposes of (B, L, H, D). "
+        "NCHW: contiguous x and weight (the issue's rows); NHWC: channels_last (the benchmark suite's conv cases).",
         "",
         "| row | median ratio | p20–p80 |",
         "|---|---:|---:|",
