@@ -488,9 +488,9 @@ def _flash_cpu_forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Ten
         )
         # The kernel's output has q's layout (checked, not assumed): finish it in place.
         out = _as_out(q, raw)
-        if valid is not None and all_valid:
-            return out, lse.contiguous()
-        return _sdpa_finish(out, q, valid, inplace=True), lse.contiguous()
+        if not all_valid:  # all_valid: a mask leaves every row a key, known without another pass
+            out = _sdpa_finish(out, q, valid, inplace=True)
+        return out, lse.contiguous()
 
 
 def eager_flash(
@@ -533,7 +533,7 @@ def _flash_cpu_backward(
     with _no_autocast(q.device), torch.no_grad():
         m, valid, all_valid = _whole_input_mask(q, spec, Lk)
         g = grad.to(q.dtype)
-        if not (valid is not None and all_valid):
+        if not all_valid:
             g = _sdpa_finish_backward(g, q, valid)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g, q, k, v, out, lse, 0.0, spec.is_causal, attn_mask=m, scale=spec.scale
