@@ -11,6 +11,7 @@ and importing dominate the cost).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from pathlib import Path
@@ -85,12 +86,19 @@ def _fully_shard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _worker(rank: int, port: int, cases: list[tuple[str, str]], out_dir: str) -> None:
+    # A worker killed by a signal (a C++ abort) reaches the parent only as "terminated with signal": its stderr
+    # (where C++ writes why) and the Python stack of every thread go to a file the fixture then reports.
+    log = open(os.path.join(out_dir, f"rank{rank}.stderr"), "w", buffering=1)  # noqa: SIM115 (lives as long)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    finished = False
     try:
         for wrapper, kind in cases:
+            print(f"rank {rank}: {wrapper}-{kind}", file=log)
             build, loss_fn, patch_kw = MODELS[kind]
             model = ptfast.patch(build(), **patch_kw)
             # Keep the wrapper referenced until backward ends: DDP's reducer lives on the DDP object. FSDP2
@@ -104,8 +112,14 @@ def _worker(rank: int, port: int, cases: list[tuple[str, str]], out_dir: str) ->
                     grads[name] = g.full_tensor() if hasattr(g, "full_tensor") else g.clone()  # collective
             if rank == 0:
                 torch.save(grads, os.path.join(out_dir, f"{wrapper}-{kind}.pt"))
+        finished = True
     finally:
+        # Tear down only when both ranks are done: a rank that closes its connections while the other still
+        # uses them makes gloo abort that other process. (After an error a barrier could wait forever: skip it.)
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
+        print(f"rank {rank}: done", file=log)
 
 
 def _free_port() -> int:
@@ -135,7 +149,11 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("torch.distributed with gloo is not available")
     out_dir = tmp_path_factory.mktemp("ddp")
     args = (_free_port(), _cases(), str(out_dir))
-    mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="spawn")
+    except mp.ProcessExitedException as e:  # killed by a signal: say where and why (the workers' own stderr)
+        logs = "".join(f"\n--- {p.name} ---\n{p.read_text()}" for p in sorted(out_dir.glob("rank*.stderr")))
+        raise RuntimeError(f"{e}{logs}") from e
     return out_dir
 
 
