@@ -26,7 +26,7 @@ from torch import Tensor
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _transforms_active() -> bool:
+def transforms_active() -> bool:
     try:
         return bool(torch._C._are_functorch_transforms_active())
     except AttributeError:  # pragma: no cover - every supported torch has it; be safe if one drops it
@@ -37,7 +37,7 @@ def direct_call_allowed(args: tuple[Any, ...]) -> bool:
     """Whether an eager call may run an op's body directly (see the module docstring)."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._len_torch_dispatch_stack() or _transforms_active():
+    if torch._C._len_torch_dispatch_stack() or transforms_active():
         return False
     return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
 

@@ -82,6 +82,11 @@ def _cases():
         ("attention dropout", attn_leaves, lambda t: ptfast.attention(*t, key_mask=key_mask, dropout_p=0.3)),
         ("attention causal", attn_leaves, _explicit_torch(lambda t: ptfast.attention(*t, is_causal=True))),
         ("masked_lm_loss", mlm_leaves, lambda t: ptfast.masked_lm_loss(t[0], t[1], labels, bias=t[2])),
+        (
+            "masked_lm_loss_none",
+            mlm_leaves,
+            lambda t: ptfast.masked_lm_loss(t[0], t[1], labels, bias=t[2], reduction="none"),
+        ),
     ]
 
 
@@ -150,7 +155,8 @@ def test_direct_call_refused_while_tracing_or_under_modes() -> None:
 
 def test_every_op_is_one_registered_op() -> None:
     ops = [add_relu_mod.ADD_RELU, conv_mod.CONV_RELU, conv_mod.CONV_RELU_BACKWARD, mlm_mod.MASKED_LM_LOSS,
-           mlm_mod.MASKED_LM_LOSS_BACKWARD, attention_mod.ATTENTION, attention_mod.ATTENTION_BACKWARD,
+           mlm_mod.MASKED_LM_LOSS_BACKWARD, mlm_mod.MASKED_LM_LOSS_SUM_WITH_GRADS,
+           mlm_mod.MASKED_LM_LOSS_SUM_WITH_GRADS_BACKWARD, attention_mod.ATTENTION, attention_mod.ATTENTION_BACKWARD,
            attention_mod.ATTENTION_VARLEN, attention_mod.ATTENTION_VARLEN_BACKWARD]  # fmt: skip
     for op in ops:
         name = str(op.overload).removesuffix(".default")

@@ -79,6 +79,21 @@ def test_opcheck_masked_lm_loss(backend, dtype) -> None:
         opcheck(torch.ops.ptfast.masked_lm_loss_backward.default, (grad, *args, *needs, backend))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_opcheck_masked_lm_loss_sum_with_grads(dtype) -> None:
+    """The torch backend's forward with gradients (reduction mean / sum) and its scaling backward, on CUDA."""
+    h = _randn(377, 256, dtype=dtype, seed=1).requires_grad_()
+    w = _randn(1001, 256, dtype=dtype, seed=2, scale=0.05).requires_grad_()
+    b = _randn(1001, dtype=dtype, seed=3, scale=0.5).requires_grad_()
+    labels = torch.randint(0, 1001, (377,), device="cuda", generator=_gen(4))
+    labels[torch.rand(377, device="cuda", generator=_gen(5)) < 0.7] = -100
+    op = torch.ops.ptfast.masked_lm_loss_sum_with_grads.default
+    opcheck(op, (h, w, labels, b, -100, 0.1, True, True, True, "torch"))
+    _, n_valid, dh, dw, db = op(h.detach(), w.detach(), labels, b.detach(), -100, 0.1, True, True, True, "torch")
+    back = torch.ops.ptfast.masked_lm_loss_sum_with_grads_backward.default
+    opcheck(back, (torch.tensor(3.7, device="cuda"), n_valid, dh, dw, db, "torch"))
+
+
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])

@@ -270,44 +270,49 @@ def test_tied_weight_gradients_add_up(reduction):
 
 
 @pytest.fixture
-def spy_backward(monkeypatch):
-    """Records the ``needs`` tuple the torch backend's backward was asked for."""
-    calls: list[tuple[bool, bool, bool]] = []
-    real = torch_mlm.backward
+def spy_needs(monkeypatch):
+    """Records ``(torch backend function, needs)`` for every call that formed gradients: the recomputing backward
+    (``reduction="none"``) or the forward with gradients (``"mean"`` / ``"sum"``)."""
+    calls: list[tuple[str, tuple[bool, bool, bool]]] = []
+    for name in ("backward", "forward_with_grads"):
+        real = getattr(torch_mlm, name)
 
-    def spy(*args):
-        calls.append(args[-1])
-        return real(*args)
+        def spy(*args, _real=real, _name=name):
+            calls.append((_name, args[-1]))
+            return _real(*args)
 
-    monkeypatch.setattr(torch_mlm, "backward", spy)
+        monkeypatch.setattr(torch_mlm, name, spy)
     return calls
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("frozen", ["weight", "hidden", "weight+bias", "hidden+weight"])
-def test_frozen_inputs(frozen, spy_backward, small_chunks):
+def test_frozen_inputs(frozen, reduction, spy_needs, small_chunks):
     h, w, t, b = make_inputs()
     for name, x in (("hidden", h), ("weight", w), ("bias", b)):
         if name in frozen.split("+"):
             x.requires_grad_(False)
-    loss, grads, g = run(ptfast_fn, h, w, t, b, reduction="sum", label_smoothing=0.1)
-    _, *ref_grads = oracle.loss_and_grads(h, w, t, b, grad_out=g, reduction="sum", label_smoothing=0.1)
+    loss, grads, g = run(ptfast_fn, h, w, t, b, reduction=reduction, label_smoothing=0.1)
+    _, *ref_grads = oracle.loss_and_grads(h, w, t, b, grad_out=g, reduction=reduction, label_smoothing=0.1)
     for x, ours, ref, name in zip((h, w, b), grads, ref_grads, ("dhidden", "dweight", "dbias"), strict=True):
         if x.requires_grad:
             assert_close64(ours, ref, name)
         else:
             assert ours is None
-    # No work for frozen inputs: backward is asked only for the gradients autograd needs.
-    assert spy_backward == [(h.requires_grad, w.requires_grad, b.requires_grad)]
+    # No work for frozen inputs: only the gradients autograd needs are formed, in the forward for a summed loss.
+    where = "forward_with_grads" if reduction == "sum" else "backward"
+    assert spy_needs == [(where, (h.requires_grad, w.requires_grad, b.requires_grad))]
 
 
-def test_bias_only_gradient(spy_backward):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bias_only_gradient(spy_needs, reduction):
     h, w, t, b = make_inputs()
     h.requires_grad_(False)
     w.requires_grad_(False)
-    loss, grads, g = run(ptfast_fn, h, w, t, b, reduction="mean")
-    _, _, _, ref_db = oracle.loss_and_grads(h, w, t, b, grad_out=g, reduction="mean")
+    loss, grads, g = run(ptfast_fn, h, w, t, b, reduction=reduction)
+    _, _, _, ref_db = oracle.loss_and_grads(h, w, t, b, grad_out=g, reduction=reduction)
     assert_close64(grads[2], ref_db, "dbias")
-    assert spy_backward == [(False, False, True)]
+    assert spy_needs == [("forward_with_grads" if reduction == "mean" else "backward", (False, False, True))]
 
 
 def test_no_grad_mode_and_no_graph():
@@ -318,6 +323,25 @@ def test_no_grad_mode_and_no_graph():
     assert_close64(loss, oracle.masked_lm_loss(h, w, t, b), "loss")
     loss = ptfast.masked_lm_loss(h.detach(), w.detach(), t, b.detach())
     assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compacted", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_forward_without_gradient_matches_oracle(reduction, eps, dtype, compact, small_chunks, monkeypatch):
+    """No gradient to form (no_grad, or frozen inputs): mean / sum take the loss-only route (PyTorch's
+    cross_entropy per chunk), none the per-row op; every chunk and both row modes against the oracle."""
+    if not compact:
+        monkeypatch.setattr(torch_mlm, "can_compact", lambda t: False)
+    h, w, t, b = (x if x is None or x.dtype == torch.int64 else x.detach().to(dtype) for x in make_inputs())
+    t[3] = -100
+    with torch.no_grad():
+        loss = ptfast.masked_lm_loss(h, w, t, b, reduction=reduction, label_smoothing=eps)
+    assert_close64(loss, oracle.masked_lm_loss(h, w, t, b, -100, reduction, eps), "loss")
+    frozen = ptfast.masked_lm_loss(h, w, t, b, reduction=reduction, label_smoothing=eps)
+    assert not frozen.requires_grad
+    torch.testing.assert_close(frozen, loss, rtol=0, atol=0)
 
 
 def test_second_backward_through_retained_graph():
@@ -539,6 +563,22 @@ def test_opcheck_forward_and_backward(bias):
     args = [h.detach(), w.detach(), t, None if b is None else b.detach(), row_max, log_sum, -100, 0.1]
     for needs in ((True, True, True), (True, False, False), (False, True, bias)):
         torch.library.opcheck(torch.ops.ptfast.masked_lm_loss_backward.default, (grad, *args, *needs, "torch"))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_sum_with_grads(bias):
+    """The forward-with-gradients op (reduction mean / sum) and its backward, gradients asked for or not."""
+    h, w, t, b = make_inputs(vocab=31, emb=12, bias=bias)
+    op = torch.ops.ptfast.masked_lm_loss_sum_with_grads.default
+    for needs in ((True, True, bias), (True, False, False), (False, True, bias)):
+        # Inputs require grad exactly where a gradient is asked for (the wrapper's contract with the op).
+        h_, w_, b_ = (x if x is None else x.detach().requires_grad_(n) for x, n in zip((h, w, b), needs, strict=True))
+        torch.library.opcheck(op, (h_, w_, t, b_, -100, 0.1, *needs, "torch"))
+    _, n_valid, dh, dw, db = op(h.detach(), w.detach(), t, None if b is None else b.detach(), -100, 0.1, True,
+                                True, bias, "torch")  # fmt: skip
+    back = torch.ops.ptfast.masked_lm_loss_sum_with_grads_backward.default
+    torch.library.opcheck(back, (torch.tensor(3.7), n_valid, dh, dw, db, "torch"))
+    torch.library.opcheck(back, (torch.tensor(3.7), torch.tensor(0), dh, dw, db, "torch"))
 
 
 # --- property test ------------------------------------------------------------------------------------------

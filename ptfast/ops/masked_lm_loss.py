@@ -13,6 +13,15 @@ Registered ops (one definition each, all backends behind them):
   label_smoothing, need_dhidden, need_dweight, need_dbias, backend) -> (dhidden, dweight, dbias)``: ``grad`` is
   the incoming gradient of the per-row loss ``(N,)``; each gradient has its input's dtype (dweight and dbias are
   accumulated in fp32 first); gradients not asked for (or dbias without a bias) come back empty.
+* ``ptfast::masked_lm_loss_sum_with_grads(hidden, weight, labels, bias, ignore_index, label_smoothing,
+  need_dhidden, need_dweight, need_dbias, backend) -> (loss_sum, n_valid, dhidden, dweight, dbias)``: the summed
+  loss (0-d) and the number of valid rows (0-d int64), with the gradients of ``loss_sum`` formed in the forward
+  (accumulation dtype; empty where not asked for): three GEMMs instead of four, no logits kept. Used for
+  ``reduction="mean"/"sum"`` whenever the torch backend runs, a gradient needed or not (see
+  :mod:`ptfast.backends.torch.masked_lm_loss`); ``"none"``, whose gradient differs per row, and the other
+  backends use the two ops above.
+* ``ptfast::masked_lm_loss_sum_with_grads_backward(grad_sum, n_valid, dhidden, dweight, dbias, backend)
+  -> (dhidden, dweight, dbias)``: those gradients times the incoming scalar (0 when no row is valid).
 
 The functional wrapper flattens the leading dims, validates, applies the autocast policy, picks the backend and
 does the reduction with plain torch ops on the per-row losses (``sum``, or ``sum / number of valid rows`` for
@@ -35,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ptfast import _dispatch, _validation, verification
+from ptfast import _dispatch, _eager, _validation, verification
 from ptfast._eager import RegisteredOp
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import masked_lm_loss as torch_mlm
@@ -176,6 +185,87 @@ def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
 MASKED_LM_LOSS.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _mlm_sum_with_grads_impl(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    needs = (need_dhidden, need_dweight, need_dbias and bias is not None)
+    loss_sum, n_valid, dh, dw, db = _dispatch.run(
+        _OP, "forward", backend, _IMPLS, _fault_key(hidden, weight, bias),
+        lambda impl: impl.forward_with_grads(hidden, weight, labels, bias, ignore_index, label_smoothing, needs),
+    )  # fmt: skip
+    # Outputs of a custom op may not alias each other: every empty placeholder is its own tensor.
+    empty = (hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0))
+    return loss_sum, n_valid, *(g if g is not None else e for g, e in zip((dh, dw, db), empty, strict=True))
+
+
+MASKED_LM_LOSS_SUM_WITH_GRADS = RegisteredOp("ptfast::masked_lm_loss_sum_with_grads", _mlm_sum_with_grads_impl)
+
+
+@MASKED_LM_LOSS_SUM_WITH_GRADS.register_fake
+def _(hidden, weight, labels, bias, ignore_index, label_smoothing, need_dhidden, need_dweight, need_dbias, backend):
+    acc = _acc_dtype(hidden.dtype)
+    need_dbias = need_dbias and bias is not None
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty((), dtype=torch.int64),
+        hidden.new_empty(hidden.shape, dtype=acc) if need_dhidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape, dtype=acc) if need_dweight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0], dtype=acc) if need_dbias else weight.new_empty(0),
+    )
+
+
+def _scale_grads_impl(
+    grad_sum: Tensor, n_valid: Tensor, dhidden: Tensor, dweight: Tensor, dbias: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _dispatch.run(
+        _OP, "backward", backend, _IMPLS, _fault_key(dhidden, dweight, dbias if dbias.numel() else None),
+        lambda impl: impl.scale_grads(grad_sum, n_valid, (dhidden, dweight, dbias)),
+    )  # fmt: skip
+
+
+MASKED_LM_LOSS_SUM_WITH_GRADS_BACKWARD = RegisteredOp(
+    "ptfast::masked_lm_loss_sum_with_grads_backward", _scale_grads_impl
+)
+
+
+@MASKED_LM_LOSS_SUM_WITH_GRADS_BACKWARD.register_fake
+def _(grad_sum, n_valid, dhidden, dweight, dbias, backend):
+    return torch.empty_like(dhidden), torch.empty_like(dweight), torch.empty_like(dbias)
+
+
+def _sum_with_grads_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, _labels, bias = inputs[:4]
+    _loss_sum, n_valid, dh, dw, db = output
+    ctx.mark_non_differentiable(n_valid, dh, dw, db)
+    ctx.save_for_backward(n_valid, dh, dw, db)
+    ctx.backend = inputs[-1]
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.shapes = (hidden.shape, weight.shape, None if bias is None else bias.shape)
+
+
+def _sum_with_grads_backward(ctx, grad_sum, *_unused):
+    n_valid, dh, dw, db = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+    for needed, saved, shape, name in zip(need, (dh, dw, db), ctx.shapes, ("hidden", "weight", "bias"), strict=True):
+        if needed and saved.shape != shape:  # the wrapper asked for fewer gradients than autograd now needs
+            raise RuntimeError(f"ptfast.{_OP}: a gradient for {name} is needed but was not formed in the forward")
+    scaled = MASKED_LM_LOSS_SUM_WITH_GRADS_BACKWARD(grad_sum, n_valid, dh, dw, db, ctx.backend)
+    grads = [g.to(dtype) if needed else None for needed, g, dtype in zip(need, scaled, ctx.dtypes, strict=True)]
+    return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
+
+
+MASKED_LM_LOSS_SUM_WITH_GRADS.register_autograd(_sum_with_grads_backward, setup_context=_sum_with_grads_setup_context)
+
+
 def _validate(
     hidden: object,
     weight: object,
@@ -221,6 +311,14 @@ def _validate(
     # already reject NaN and inf.
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"ptfast.{op}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+
+
+def _needed_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of (hidden, weight, bias) autograd will ask a gradient for. Under functorch transforms
+    (``torch.func.grad``, ``vmap``) requires_grad does not say it: nothing is formed in the forward there."""
+    if not torch.is_grad_enabled() or _eager.transforms_active():
+        return (False, False, False)
+    return (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
 
 
 def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
@@ -292,14 +390,17 @@ def masked_lm_loss(
         label_smoothing=float(label_smoothing),
     )
     flat_labels = labels.reshape(-1)
+    flat_hidden = hidden.reshape(flat_labels.shape[0], hidden.shape[-1])  # not -1: E may be 0
+    needs = _needed_grads(hidden, weight, bias)
+    if reduction != "none" and backend == "torch":  # gradients (if any) formed in the forward
+        total, n_valid, *_grads = MASKED_LM_LOSS_SUM_WITH_GRADS(
+            flat_hidden, weight, flat_labels, bias, ignore_index, float(label_smoothing), *needs, backend
+        )
+        if reduction == "mean":
+            total = total / n_valid.to(total.dtype)  # 0/0 = NaN when every row is ignored, like PyTorch
+        return total.to(out_dtype)
     loss, _row_max, _log_sum = MASKED_LM_LOSS(
-        hidden.reshape(flat_labels.shape[0], hidden.shape[-1]),  # not -1: E may be 0
-        weight,
-        flat_labels,
-        bias,
-        ignore_index,
-        float(label_smoothing),
-        backend,
+        flat_hidden, weight, flat_labels, bias, ignore_index, float(label_smoothing), backend
     )
     if reduction == "none":
         return loss.reshape(labels.shape).to(out_dtype)
