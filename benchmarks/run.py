@@ -198,7 +198,7 @@ def _dispatch_recorder() -> Iterator[list[tuple[str, str, str]]]:
 #: drawn from torch's generator, so equal seeds give every ptfast backend the same mask).
 CHECK_SEED = 1234
 #: --check-backends tolerance on relative errors, by the run's dtype: a sanity bound that catches a wrong kernel,
-#: not a precision rule (the GPU smoke test applies DESIGN.md §4 against float64).
+#: not a precision rule (the GPU smoke test applies docs/design.md §5 against float64).
 CHECK_TOL = {torch.float16: 3e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-10}
 GRADS = "#grads"
 

@@ -4,7 +4,7 @@ training.
 ``import ptfast`` never initializes CUDA and never imports triton, transformers or torchvision.
 """
 
-from ptfast import nn  # noqa: E402  (after the ops it wraps)
+from ptfast import nn
 from ptfast._dispatch import (
     BackendNotSupportedError,
     FallbackWarning,
@@ -16,7 +16,7 @@ from ptfast.ops.add_relu import add_relu
 from ptfast.ops.attention import attention, attention_varlen
 from ptfast.ops.conv import conv_relu, conv_relu_pool
 from ptfast.ops.masked_lm_loss import masked_lm_loss
-from ptfast.patching import patch  # noqa: E402
+from ptfast.patching import patch
 
 __version__ = "0.1.0"
 

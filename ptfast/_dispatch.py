@@ -40,6 +40,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
+# Re-exported: the backends import the mark from here.
+from ptfast._compiling import constant_while_compiling
+
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
 
@@ -162,7 +165,8 @@ def choose(
 
 
 def _unverified_reason(op: str, backend: str, device: object, shape_class: str | None) -> str | None:
-    # Imported here: ptfast.verification imports this module.
+    # Imported on first use: the record is read only when a CUDA call asks (ptfast.verification sits below this
+    # module and never imports it).
     from ptfast.verification import auto_reason
 
     return auto_reason(op, backend, device, shape_class)
@@ -260,19 +264,6 @@ def record_dispatch() -> Iterator[list[tuple[str, str, str]]]:
         with _rec_lock:
             # By identity: two recorders' lists may be equal (both empty), and remove() compares by equality.
             _recorders[:] = [r for r in _recorders if r is not events]
-
-
-def constant_while_compiling(fn):
-    """Mark an environment probe (is triton importable? is the extension built? GPU capability?) so that
-    ``torch.compile`` calls it once while tracing and bakes its answer into the graph instead of tracing into
-    imports and device queries, which would break ``fullgraph=True``.
-
-    Same effect as ``torch.compiler.assume_constant_result``, which however imports ``torch._dynamo`` (and with
-    it triton) when applied; ``import ptfast`` must stay light, so the mark is set directly
-    (tests/test_dispatch.py checks that torch still uses this mark).
-    """
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 # Under torch.compile these run once while tracing and their answer is baked into the graph: a fault found later

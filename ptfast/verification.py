@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ptfast._dispatch import constant_while_compiling
+from ptfast._compiling import constant_while_compiling
 
 __all__ = [
     "ALLOW_UNVERIFIED_ENV",

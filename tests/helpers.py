@@ -1,4 +1,4 @@
-"""Shared test utilities: the low-precision accuracy rule of DESIGN.md §4, its attention yardstick, and dispatch
+"""Shared test utilities: the low-precision accuracy rule of docs/design.md §5, its attention yardstick, and dispatch
 assertions."""
 
 from __future__ import annotations

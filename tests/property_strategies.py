@@ -7,7 +7,7 @@ the inputs from the case (seeded generator, float64 draws rounded to the dtype u
 output and every gradient with the float64 oracle of ``tests/oracles``:
 
 * float64 / float32 results: ``assert_close64`` (relative Frobenius error, tight);
-* float16 / bfloat16 results: the low-precision rule of DESIGN.md §4 against PyTorch's own op in the same dtype
+* float16 / bfloat16 results: the low-precision rule of docs/design.md §5 against PyTorch's own op in the same dtype
   on the same device (SDPA, ``F.linear`` + ``F.cross_entropy``, ``F.conv2d`` + ReLU + ``F.max_pool2d``), with two
   documented allowances the drawn corner cases need (:func:`small_sample_slack` for tensors of a few elements,
   :func:`delta_floor` for attention gradients that are exactly or nearly 0).

@@ -1,4 +1,4 @@
-"""The CNNs of ../shared/seed_workflows.md, written the way users write them (torchvision's attribute names and
+"""The CNNs of docs/design.md §1, written the way users write them (torchvision's attribute names and
 forward code for ResNet; a hand-written VGG with one attribute per layer), at test sizes.
 
 torchvision has no CPU build on this machine, so its ResNet layout is re-typed here from its documented

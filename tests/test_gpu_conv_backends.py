@@ -6,7 +6,7 @@ default) with cuDNN's or the Triton dgrad and wgrad, and cuDNN's conv + the Trit
 
 * ``conv_relu`` through the public API with an explicit backend, forward and all gradients, bf16/fp16/fp32,
   NCHW and channels_last, with and without bias, against a float64 reference, using the low-precision rule
-  of DESIGN.md §4: ``err(ptfast) <= 2 * err(torch in the same dtype) + 1e-5``, where "torch in the same dtype"
+  of docs/design.md §5: ``err(ptfast) <= 2 * err(torch in the same dtype) + 1e-5``, where "torch in the same dtype"
   is ``F.relu(F.conv2d(...))`` (fp32 convolutions may use TF32 in both, as cuDNN allows by default).
 * ``conv_relu_pool`` the same way (fused bias + ReLU + 2x2 max-pool + uint8 argmax, fused backward), plus exact
   ties against the torch backend on small-integer inputs.

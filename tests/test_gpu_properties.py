@@ -3,7 +3,7 @@
 The cases and checks of the main tier (``tests/property_strategies.py``), drawn on larger shapes (several
 kernel tiles in every direction, head dims up to 256, vocabularies and channel counts past one tile) with more
 examples, in bf16, fp16 and fp32. Inputs are made on the CPU from a seeded generator and moved; the float64
-oracle runs on the CPU on exactly what the GPU saw. bf16 / fp16 follow the low-precision rule of DESIGN.md §4
+oracle runs on the CPU on exactly what the GPU saw. bf16 / fp16 follow the low-precision rule of docs/design.md §5
 against PyTorch's own op in the same dtype on the GPU; fp32 attention and masked-LM loss are tight against the
 oracle with TF32 off (fixture below); fp32 convolutions use the rule, as cuDNN runs them in TF32 by default in both
 ours and PyTorch's. Backends: triton (the conv also on each of its algorithm mixes), torch, and cuda for the conv

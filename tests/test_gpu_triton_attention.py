@@ -3,7 +3,7 @@
 Runs only where a GPU is visible (marker ``gpu``; ``python tests/run.py --gpu``). Inputs are made on the CPU from a
 seeded generator and moved, and the float64 oracle runs on the CPU on exactly what the GPU saw.
 
-* bf16 / fp16: the low-precision rule (DESIGN.md §4) against PyTorch's own SDPA in the same dtype, forward and
+* bf16 / fp16: the low-precision rule (docs/design.md §5) against PyTorch's own SDPA in the same dtype, forward and
   grads: BERT-like shapes with padding, long causal, head dims 16..256, odd lengths, HF's non-contiguous layout,
   every mask combined with dropout (the yardstick applies the oracle's exact keep mask);
 * fp32: tight against the oracle with TF32 off; with TF32 on within the rule against PyTorch's own fp32 matmul

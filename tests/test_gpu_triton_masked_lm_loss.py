@@ -3,7 +3,7 @@
 Runs only where a GPU is visible (marker ``gpu``; ``python tests/run.py --gpu``). Inputs are made on the CPU from a
 seeded generator and moved; the float64 oracle runs on the GPU in float64 on exactly what the kernels saw.
 
-* bf16 / fp16: the low-precision rule (DESIGN.md §4) against PyTorch's own eager pipeline in the same dtype,
+* bf16 / fp16: the low-precision rule (docs/design.md §5) against PyTorch's own eager pipeline in the same dtype,
   ``F.cross_entropy(F.linear(h, w, b), y)``, at odd sizes (1000 rows, hidden 200, vocabulary 3001, ~15% of the
   rows labelled), every reduction with a random incoming gradient, label smoothing, with and without bias;
   strided (non-contiguous) hidden and weight;

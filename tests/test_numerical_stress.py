@@ -2,7 +2,7 @@
 fully excluded rows, all-ignored labels, NaN / Inf inputs, long sequences and huge vocabularies.
 
 Every check is against the float64 oracle (``tests/oracles``) or PyTorch's own op on the same inputs (in float64
-where non-finite values must match, in the same dtype for the low-precision rule of DESIGN.md §4), never "it did
+where non-finite values must match, in the same dtype for the low-precision rule of docs/design.md §5), never "it did
 not crash" alone. Non-finite results are compared entry by entry: the NaN, +inf and -inf patterns must be equal
 and the finite entries close (:func:`assert_nonfinite_close`).
 

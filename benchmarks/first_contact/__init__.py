@@ -4,7 +4,7 @@
 
 1. ``smoke`` (:mod:`.smoke`): every kernel family in every hot variant (the conv ones include ResNet's 7x7 stem,
    strided and 1x1 convs and residual tails), bf16 and fp16, forward and backward once, against the float64 oracle
-   by the rule of DESIGN.md §4, plus a patched tiny BERT and VGG training step and an eval-mode tiny ResNet
+   by the rule of docs/design.md §5, plus a patched tiny BERT and VGG training step and an eval-mode tiny ResNet
    (BatchNorm folded, blocks fused) on the triton and cuda backends. Each family runs in its own process (an
    illegal address in one cannot poison the others) and ends as passed, failed (with the error) or skipped (with
    the reason).

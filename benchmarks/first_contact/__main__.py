@@ -181,7 +181,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     bench = headline.bench_rows(Path(args.results), gpu)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# First contact: {gpu}", "", f"Device `{args.device}`; run {when}.", "",
-             "## GPU correctness smoke (DESIGN.md §4 rule against float64)", "",
+             "## GPU correctness smoke (docs/design.md §5 rule against float64)", "",
              "| family | status | seconds | detail |", "|---|---|---|---|"]  # fmt: skip
     for r in rows:
         detail = (r.get("error") or "")[:160].replace("|", "/").replace("\n", " ")

@@ -3,7 +3,7 @@
 A *family* is what selects a kernel specialization (op, backend, dtype, head dim, masks, layout): exactly the
 family part of :mod:`ptfast.verification`'s shape classes, so a passed family vouches for the record's entries.
 Each check draws odd-sized random inputs, runs the op on the family's backend explicitly (asserting it ran, forward
-and backward), and applies DESIGN.md §4 to the output and every gradient: ``err(ptfast) <= 2 * err(PyTorch's op in
+and backward), and applies docs/design.md §5 to the output and every gradient: ``err(ptfast) <= 2 * err(PyTorch's op in
 the same dtype) + 1e-5``, errors relative to the float64 oracle of ``tests/oracles``. The model steps (a patched
 tiny BERT and VGG, one training step under autocast; a tiny eval-mode ResNet, BatchNorm folded and blocks fused,
 one forward and backward) check the loss and every parameter gradient the same way against the stock model; a

@@ -1,6 +1,6 @@
 """Benchmark specs ``resnet50_frozen_step`` and ``resnet18_train_step``: whole ResNet training steps, stock vs patched.
 
-The two ResNet workflows ptfast users bring (``../shared/seed_workflows.md``, workflows 3 and 2):
+The two ResNet workflows ptfast users bring (``docs/design.md`` §1, workflows 3 and 2):
 
 * ``resnet50_frozen_step``: a frozen ResNet-50 backbone with a new head. Every backbone parameter has
   ``requires_grad=False``, the model is in ``eval()`` (BatchNorm on its running statistics: ``ptfast.patch`` folds

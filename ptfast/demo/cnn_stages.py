@@ -23,7 +23,7 @@ from torch import nn
 
 from ptfast.demo import data as D
 from ptfast.demo.models import VGG, AttributeVGG, ResNet, set_dropout
-from ptfast.demo.workflow import NAMES, STAGE_TITLES, Env, Phase, Stage, _accuracy, _adamw, _twins, train_side_by_side
+from ptfast.demo.training import NAMES, STAGE_TITLES, Env, Phase, Stage, accuracy, adamw, make_twins, train_side_by_side
 
 
 @dataclass
@@ -105,21 +105,21 @@ def stage_cnn(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
         pre = data.batches(half, bs, counts[0], env.seed + 10)
         fine = data.batches(everything, bs, counts[1] + counts[2], env.seed + 11)
         train_side_by_side(
-            env, stage, phase, f"pretrain 0-4{tag}", models, _adamw(lrs[0]), counts[0], data.loss_on(pre), amp=amp,
+            env, stage, phase, f"pretrain 0-4{tag}", models, adamw(lrs[0]), counts[0], data.loss_on(pre), amp=amp,
             seed=seed, schedule=sched,
         )  # fmt: skip
         for model in models.values():
             model.classifier[-1] = copy.deepcopy(new_head)
             model.features.requires_grad_(False)
         train_side_by_side(
-            env, stage, phase, f"frozen backbone{tag}", models, _adamw(lrs[1]), counts[1], data.loss_on(fine),
+            env, stage, phase, f"frozen backbone{tag}", models, adamw(lrs[1]), counts[1], data.loss_on(fine),
             amp=amp, seed=seed + 10_000, schedule=sched,
         )  # fmt: skip
-        frozen_acc = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+        frozen_acc = {n: accuracy(env, models[n], test_batches) for n in NAMES}
         for model in models.values():
             model.features.requires_grad_(True)
         train_side_by_side(
-            env, stage, phase, f"unfrozen{tag}", models, _adamw(lrs[2]), counts[2], data.loss_on(fine[counts[1] :]),
+            env, stage, phase, f"unfrozen{tag}", models, adamw(lrs[2]), counts[2], data.loss_on(fine[counts[1] :]),
             amp=amp, seed=seed + 20_000, schedule=sched,
         )  # fmt: skip
         return frozen_acc
@@ -128,13 +128,14 @@ def stage_cnn(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
     set_dropout(parity_stock, 0.0)
     with env.exact_fp32():
         run(
-            stage.parity, _twins(env, parity_stock, stage), (parity_steps,) * 3, False, env.seed * 1000 + 2, " (parity)"
-        )
+            stage.parity, make_twins(env, parity_stock, stage), (parity_steps,) * 3, False, env.seed * 1000 + 2,
+            " (parity)",
+        )  # fmt: skip
     del parity_stock
-    models = _twins(env, init, stage, record=False)
+    models = make_twins(env, init, stage, record=False)
     frozen_acc = run(stage.main, models, (pre_steps, frozen_steps, unfrozen_steps), True, env.seed * 1000 + 700_000, "")
     stage.metrics["test accuracy after the frozen phase"] = frozen_acc
-    stage.metrics["test accuracy"] = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+    stage.metrics["test accuracy"] = {n: accuracy(env, models[n], test_batches) for n in NAMES}
     stage.baselines["test accuracy"] = ("chance", 0.1)
     return stage
 
@@ -166,15 +167,15 @@ def stage_vgg_attr(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
     pool = data.batches(everything, bs, max(parity_steps, train_steps), env.seed + 12)
     with env.exact_fp32():
         train_side_by_side(
-            env, stage, stage.parity, "parity (fp32)", _twins(env, copy.deepcopy(init), stage), _adamw(lr),
+            env, stage, stage.parity, "parity (fp32)", make_twins(env, copy.deepcopy(init), stage), adamw(lr),
             parity_steps, data.loss_on(pool), amp=False, seed=env.seed * 1000 + 3, schedule=False,
         )  # fmt: skip
-    models = _twins(env, init, stage, record=False)
+    models = make_twins(env, init, stage, record=False)
     train_side_by_side(
-        env, stage, stage.main, "train", models, _adamw(lr), train_steps, data.loss_on(pool), amp=True,
+        env, stage, stage.main, "train", models, adamw(lr), train_steps, data.loss_on(pool), amp=True,
         seed=env.seed * 1000 + 800_000,
     )  # fmt: skip
-    stage.metrics["test accuracy"] = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+    stage.metrics["test accuracy"] = {n: accuracy(env, models[n], test_batches) for n in NAMES}
     stage.baselines["test accuracy"] = ("chance", 0.1)
     return stage
 
@@ -310,7 +311,7 @@ def stage_resnet(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
             env, stage, phase, f"frozen backbone{tag}", models, _sgd(lrs[1]), counts[1], data.loss_on(fine),
             amp=amp, seed=seed + 10_000, schedule=sched,
         )  # fmt: skip
-        frozen_acc = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+        frozen_acc = {n: accuracy(env, models[n], test_batches) for n in NAMES}
         for model in models.values():
             _unfreeze(model)
         train_side_by_side(
@@ -322,13 +323,13 @@ def stage_resnet(env: Env, size: dict, steps: tuple[int, ...]) -> Stage:
     folding: dict[str, list[str]] = {}
     with env.exact_fp32():
         run(
-            stage.parity, _twins(env, copy.deepcopy(init), stage), (parity_steps,) * 3, False, env.seed * 1000 + 4,
+            stage.parity, make_twins(env, copy.deepcopy(init), stage), (parity_steps,) * 3, False, env.seed * 1000 + 4,
             " (parity)",
         )  # fmt: skip
-    models = _twins(env, init, stage, record=False)
+    models = make_twins(env, init, stage, record=False)
     frozen_acc = run(stage.main, models, (pre_steps, frozen_steps, unfrozen_steps), True, env.seed * 1000 + 900_000, "")
     stage.metrics["test accuracy after the frozen phase"] = frozen_acc
-    stage.metrics["test accuracy"] = {n: _accuracy(env, models[n], test_batches) for n in NAMES}
+    stage.metrics["test accuracy"] = {n: accuracy(env, models[n], test_batches) for n in NAMES}
     stage.baselines["test accuracy"] = ("chance", 0.1)
     _bn_findings(stage, (parity_steps, frozen_steps), (folding["yes"], folding["no"]))
     return stage

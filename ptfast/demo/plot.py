@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ptfast.demo.report import NAMES, RunInfo, moving_average, parity_tol, smooth, window
 
 if TYPE_CHECKING:
-    from ptfast.demo.workflow import Stage
+    from ptfast.demo.training import Stage
 
 
 def plot(stages: list[Stage], path: Path, info: RunInfo) -> Path:

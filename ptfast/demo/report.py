@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 
 import ptfast
+from ptfast.demo.training import NAMES
 
 if TYPE_CHECKING:
-    from ptfast.demo.workflow import Env, Phase, Stage
+    from ptfast.demo.training import Env, Phase, Stage
 
-NAMES = ("stock", "ptfast")
 CPU_PARITY_TOL = 1e-4  # fp32 on CPU: the ptfast ops run their torch backend (same kernels, other op order)
 CUDA_PARITY_TOL = 1e-3  # fp32 without TF32 on CUDA: different kernels, different summation order
 
@@ -50,7 +50,8 @@ def parity_tol(env: Env) -> float:
 
 
 def parity_ok(stage: Stage, env: Env) -> bool:
-    return stage.parity.max_abs_diff() <= parity_tol(env)
+    tol = parity_tol(env)
+    return stage.parity.max_abs_diff() <= tol and stage.parity.max_grad_diff() <= tol
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -156,8 +157,9 @@ def print_stage(stage: Stage, env: Env) -> None:
     diffs = [abs(a - b) for a, b in zip(stage.parity.losses["stock"], stage.parity.losses["ptfast"], strict=True)]
     shown = " ".join(f"{d:.1e}" for d in diffs[:12]) + (" ..." if len(diffs) > 12 else "")
     print(
-        f"  parity ({len(diffs)} steps, fp32, dropout 0): max |loss diff| {max(diffs, default=0):.2e} "
-        f"[{'ok' if max(diffs, default=0) <= tol else 'MISMATCH'}, tolerance {tol:.0e}]; per step: {shown}"
+        f"  parity ({len(diffs)} steps from identical weights, fp32, dropout 0): max |loss diff| "
+        f"{max(diffs, default=0):.2e}, max relative gradient diff {stage.parity.max_grad_diff():.2e} "
+        f"[{'ok' if parity_ok(stage, env) else 'MISMATCH'}, tolerance {tol:.0e}]; per step: {shown}"
     )
     st = curve_stats(stage.main)
     print(
@@ -252,7 +254,8 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
             else ""
         ),
         "",
-        "| stage | parity max \\|Δloss\\| (fp32, dropout 0) | final loss stock / ptfast | smoothed-curve max gap "
+        "| stage | parity max \\|Δloss\\| / max relative \\|Δgrad\\| (fp32, dropout 0) "
+        "| final loss stock / ptfast | smoothed-curve max gap "
         "| metric stock / ptfast | median step time stock / ptfast | peak step memory stock / ptfast |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -260,7 +263,8 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
         st = curve_stats(s.main)
         metrics = "<br>".join(f"{m}: {t}" for m, t in _metric_items(s))
         lines.append(
-            f"| {s.title} | {s.parity.max_abs_diff():.2e} ({len(s.parity.losses['stock'])} steps, "
+            f"| {s.title} | {s.parity.max_abs_diff():.2e} / {s.parity.max_grad_diff():.2e} "
+            f"({len(s.parity.losses['stock'])} steps, "
             f"{'ok' if parity_ok(s, env) else '**MISMATCH**'}) | "
             f"{_fmt_pair(st['final stock'], st['final ptfast'], '.4f')} (mean of last {tail(s.main)}) | "
             f"{st['smoothed max gap']:.4f} | {metrics} | "
@@ -271,8 +275,10 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
         "",
         f"![loss curves]({png.name})",
         "",
-        "Parity phases: both twins start from the same weights, get the same batches and the same torch seed before "
-        "each step, with every dropout at 0 in training mode (so the patched BERT takes its fused masked-LM path: "
+        "Parity phases: both twins start every step from the same weights and optimizer state (after each step the "
+        "patched twin takes the stock twin's, once the step's gradients are compared), get the same batches and the "
+        "same torch seed before each step, with every dropout at 0 in training mode (so the patched BERT takes its "
+        "fused masked-LM path: "
         f"head on the masked rows only, logits never formed); tolerance {tol:.0e}. Training phases: dropout on where "
         "the model has dropout (BERT, the classifier of the torchvision-layout VGG; the hand-written VGG and the "
         "ResNet have none, so their training phases differ from the parity phases only in length, learning-rate "
@@ -289,6 +295,7 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
         diffs = [abs(a - b) for a, b in zip(s.parity.losses["stock"], s.parity.losses["ptfast"], strict=True)]
         lines += [
             f"- parity |Δloss| per step: {', '.join(f'{d:.1e}' for d in diffs)}",
+            f"- parity relative |Δgrad| per step: {', '.join(f'{d:.1e}' for d in s.parity.grad_diffs)}",
             "- `ptfast.patch` on the twin (`model.ptfast_patch_report`)"
             + (f", {len(s.patch_report)} lines:" if s.patch_report else ": nothing replaced"),
             *(f"  - {line}" for line in s.patch_report),
@@ -301,8 +308,8 @@ def write_markdown(stages: list[Stage], path: Path, info: RunInfo, png: Path) ->
     lines += [
         "## How to read this",
         "",
-        "- Same weights, same data, same seeds: the parity phase isolates the ops ptfast replaced. Any difference",
-        "  there is rounding from a different order of operations.",
+        "- Same weights, same data, same seeds, every step: the parity phase isolates the ops ptfast replaced. Any",
+        "  difference there is rounding from a different order of operations, in one step.",
         "- Loss curves with dropout on are two samples of the same training process; a gap of the size of the",
         "  step-to-step noise is expected.",
         "- Timings are measured numbers on the device named above, nothing more; on a shared or busy machine they",
@@ -342,6 +349,8 @@ def write_json(stages: list[Stage], path: Path, info: RunInfo) -> Path:
                 abs(a - b) for a, b in zip(s.parity.losses["stock"], s.parity.losses["ptfast"], strict=True)
             ],
             "parity_max_abs_diff": s.parity.max_abs_diff(),
+            "parity_grad_diffs": s.parity.grad_diffs,
+            "parity_max_grad_diff": s.parity.max_grad_diff(),
             "parity_ok": parity_ok(s, env),
             "losses": s.main.losses,
             "final_loss": {m: st[f"final {m}"] for m in NAMES},

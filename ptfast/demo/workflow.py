@@ -13,16 +13,17 @@ batches in the same order, the same torch seed before each step):
    frozen in ``eval()`` (BatchNorm folded into the convolutions by the patched twin), then unfrozen in ``train()``.
 
 Each stage first runs a short *parity phase* in fp32 with every dropout at 0 (training mode, so the patched
-BERT takes its fused masked-LM path), where the two loss sequences must agree step by step; then the real
+BERT takes its fused masked-LM path), where each step starts both twins from the same state and their losses and
+gradients must agree; then the real
 training with dropout on, where ptfast's attention dropout draws from its own generator, so the two runs are
-compared as curves. ``ptfast.testing.record_dispatch`` shows which ptfast ops and backends ran. The CNN stages
-live in :mod:`ptfast.demo.cnn_stages`.
+compared as curves. ``ptfast.testing.record_dispatch`` shows which ptfast ops and backends ran. This module holds
+the text stages and the command line; the CNN stages live in :mod:`ptfast.demo.cnn_stages`, and what every stage
+shares (the environment, the results, side-by-side training) in :mod:`ptfast.demo.training`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import math
 import os
@@ -32,7 +33,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,12 +41,22 @@ import torch.nn.functional as F
 from torch import nn
 
 import ptfast
+from ptfast.demo import cnn_stages, plot, report
 from ptfast.demo import data as D
-from ptfast.demo import plot, report
 from ptfast.demo.models import bert_config, set_dropout
-from ptfast.testing import record_dispatch
-
-NAMES = ("stock", "ptfast")
+from ptfast.demo.training import (
+    NAMES,
+    STAGE_TITLES,
+    Env,
+    Phase,
+    Stage,
+    accuracy,
+    adamw,
+    make_twins,
+    train_side_by_side,
+    train_single,
+    train_step,
+)
 
 # Model and batch sizes; steps are (parity, masked-LM, classification, CNN pretrain, CNN frozen, CNN unfrozen,
 # hand-written VGG, ResNet pretrain, ResNet frozen, ResNet unfrozen).
@@ -83,13 +94,6 @@ SIZES: dict[str, dict] = {
         steps=(10, 400, 200, 150, 100, 150, 150, 150, 100, 150),
     ),
 }  # fmt: skip
-STAGE_TITLES = {
-    "pretrain": "1. masked-LM pretraining (BERT, stdlib docstrings)",
-    "classify": "2. fine-tuning: which stdlib module is this docstring from?",
-    "cnn": "3. VGG-style CNN: pretrain on digits 0-4, fine-tune on 0-9 (frozen, then unfrozen)",
-    "vgg_attr": "4. hand-written VGG (one attribute per layer): trained from scratch on digits 0-9",
-    "resnet": "5. ResNet (torchvision layout): pretrain on digits 0-4, new fc: backbone frozen (eval), then unfrozen",
-}
 SMOKE_STEPS = (2, 3, 3, 2, 2, 2, 2, 2, 2, 2)
 
 
@@ -105,205 +109,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-@dataclass
-class Env:
-    device: torch.device
-    device_name: str
-    amp: bool  # bf16 autocast in the main phases (CUDA)
-    channels_last: bool
-    progress: bool
-    seed: int
-    backend: str
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def autocast(self, enabled: bool):
-        if enabled and self.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def exact_fp32(self):
-        """fp32 without TF32 (cuDNN convolutions and matmuls) for the parity phases."""
-        if not self.cuda:
-            yield
-            return
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-# --- results ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Phase:
-    """Per-step losses, step times and (CUDA) peak step memory of both models over one or more sub-phases."""
-
-    losses: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in NAMES})
-    times: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in NAMES})
-    mem: dict[str, list[int]] = field(default_factory=lambda: {n: [] for n in NAMES})
-    boundaries: list[tuple[int, str]] = field(default_factory=list)  # (first step, sub-phase name)
-
-    def max_abs_diff(self) -> float:
-        a, b = self.losses["stock"], self.losses["ptfast"]
-        return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
-
-
-@dataclass
-class Stage:
-    key: str
-    title: str
-    parity: Phase = field(default_factory=Phase)
-    main: Phase = field(default_factory=Phase)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {stock, ptfast}
-    baselines: dict[str, tuple[str, float]] = field(default_factory=dict)  # metric -> (what, value)
-    dispatch: dict[str, Counter] = field(default_factory=lambda: {n: Counter() for n in NAMES})
-    patch_report: list[str] = field(default_factory=list)
-    control_losses: list[float] = field(default_factory=list)  # a stock-only control run, if any
-    control_metrics: dict[str, float] = field(default_factory=dict)
-    control_what: str = ""
-    elapsed: float = 0.0
-    details: list[str] = field(default_factory=list)
-    # ptfast ops of the patched twin per sub-phase label (train_side_by_side's label), and named yes/no findings
-    # a stage derives from them (e.g. the ResNet stage: was the BatchNorm folded in the frozen phase?).
-    phase_dispatch: dict[str, Counter] = field(default_factory=dict)
-    checks: dict[str, bool] = field(default_factory=dict)
-    main_note: str = "dropout on"  # what the training phase differs from the parity phase by
-
-
-# --- side-by-side training --------------------------------------------------------------------------------
-
-
-def _linear_schedule(opt: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.1, decay: bool = True):
-    """Linear warmup over ``warmup_fraction`` of ``steps``, then linear decay to 0 at ``steps`` (or, ``decay=False``,
-    the full rate from then on: a run that may continue past ``steps``)."""
-    warmup = max(1, int(steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if not decay:
-            return 1.0
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def train_side_by_side(
-    env: Env,
-    stage: Stage,
-    phase: Phase,
-    label: str,
-    models: dict[str, nn.Module],
-    make_opt,
-    steps: int,
-    loss_fn,
-    *,
-    amp: bool,
-    seed: int,
-    schedule: bool = True,
-    decay: bool = True,
-) -> dict[str, torch.optim.Optimizer]:
-    """Train both models ``steps`` steps on the same batches, alternating which goes first each step; returns the
-    optimizers (a run may continue with them).
-
-    Before each model's step the torch seed is set to ``seed + step``, so any random draw starts from the same
-    generator state for both; losses, step times and (CUDA) peak step memory are appended to ``phase``.
-    """
-    from tqdm.auto import tqdm
-
-    opts = {n: make_opt(models[n]) for n in NAMES}
-    scheds = {n: _linear_schedule(opts[n], steps, decay=decay) if schedule else None for n in NAMES}
-    phase.boundaries.append((len(phase.losses["stock"]), label))
-    bar = tqdm(total=steps, desc=f"{stage.key}: {label}", disable=not env.progress, leave=False, dynamic_ncols=True)
-    for i in range(steps):
-        for name in NAMES if i % 2 == 0 else NAMES[::-1]:
-            model, opt = models[name], opts[name]
-            opt.zero_grad(set_to_none=True)
-            torch.manual_seed(seed + i)
-            if env.cuda:
-                env.sync()
-                torch.cuda.reset_peak_memory_stats(env.device)
-                resident = torch.cuda.memory_allocated(env.device)
-            start = time.perf_counter()
-            with record_dispatch() as events:
-                with env.autocast(amp):
-                    loss = loss_fn(model, i)
-                loss.backward()
-                opt.step()
-            value = loss.item()
-            env.sync()
-            phase.times[name].append(time.perf_counter() - start)
-            if env.cuda:
-                phase.mem[name].append(torch.cuda.max_memory_allocated(env.device) - resident)
-            if scheds[name] is not None:
-                scheds[name].step()
-            if not math.isfinite(value):
-                raise RuntimeError(f"{stage.key} {label}: {name} loss is {value} at step {i}")
-            phase.losses[name].append(value)
-            stage.dispatch[name].update((op, backend, kind) for op, backend, kind in events)
-            if name == "ptfast":
-                stage.phase_dispatch.setdefault(label, Counter()).update(events)
-        bar.set_postfix(stock=f"{phase.losses['stock'][-1]:.4f}", ptfast=f"{phase.losses['ptfast'][-1]:.4f}")
-        bar.update()
-    bar.close()
-    return opts
-
-
-def train_single(env: Env, model: nn.Module, make_opt, steps: int, loss_fn, *, amp: bool, seed: int, label: str):
-    """Train one (stock) model like :func:`train_side_by_side` does; returns its losses."""
-    from tqdm.auto import tqdm
-
-    opt = make_opt(model)
-    sched = _linear_schedule(opt, steps)
-    losses = []
-    for i in tqdm(range(steps), desc=label, disable=not env.progress, leave=False, dynamic_ncols=True):
-        loss = _train_step(env, model, opt, loss_fn, i, amp=amp, seed=seed)
-        sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-def _train_step(
-    env: Env, model: nn.Module, opt: torch.optim.Optimizer, loss_fn, i: int, *, amp: bool, seed: int
-) -> torch.Tensor:
-    """Step ``i`` of a run seeded like :func:`train_side_by_side` (torch seed ``seed + i``); returns the loss."""
-    opt.zero_grad(set_to_none=True)
-    torch.manual_seed(seed + i)
-    with env.autocast(amp):
-        loss = loss_fn(model, i)
-    loss.backward()
-    opt.step()
-    return loss
-
-
-def _twins(env: Env, stock: nn.Module, stage: Stage, *, record: bool = True) -> dict[str, nn.Module]:
-    """The stock model and a deep copy patched with ptfast (same weights); the patch report goes on ``stage``."""
-    fast = ptfast.patch(copy.deepcopy(stock))
-    if record and not stage.patch_report:
-        stage.patch_report = [
-            *fast.ptfast_patch_report.replaced,
-            *(f"kept: {s}" for s in fast.ptfast_patch_report.skipped),
-        ]
-    return {"stock": stock, "ptfast": fast}
-
-
-def _adamw(lr: float, weight_decay: float = 0.01):
-    return lambda model: torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
 
 
 def _say(msg: str) -> None:
@@ -363,7 +168,7 @@ def _continue_training(
     run's seeding); returns their seconds."""
     start = time.perf_counter()
     for i in range(first, first + steps):
-        _train_step(env, model, opt, loss_fn, i, amp=amp, seed=seed)
+        train_step(env, model, opt, loss_fn, i, amp=amp, seed=seed)
     env.sync()
     return time.perf_counter() - start
 
@@ -424,14 +229,14 @@ def stage_pretrain(
     set_dropout(parity_stock, 0.0)
     with env.exact_fp32():
         train_side_by_side(
-            env, stage, stage.parity, "parity (fp32, dropout 0)", _twins(env, parity_stock, stage),
-            _adamw(size["mlm_lr"]), parity_steps, loss_fn, amp=False, seed=env.seed * 1000, schedule=False,
+            env, stage, stage.parity, "parity (fp32, dropout 0)", make_twins(env, parity_stock, stage),
+            adamw(size["mlm_lr"]), parity_steps, loss_fn, amp=False, seed=env.seed * 1000, schedule=False,
         )  # fmt: skip
     del parity_stock
-    models = _twins(env, init, stage, record=False)
+    models = make_twins(env, init, stage, record=False)
     seed = env.seed * 1000 + 500_000
     opts = train_side_by_side(
-        env, stage, stage.main, "train (dropout 0.1)", models, _adamw(size["mlm_lr"]), mlm_steps, loss_fn,
+        env, stage, stage.main, "train (dropout 0.1)", models, adamw(size["mlm_lr"]), mlm_steps, loss_fn,
         amp=True, seed=seed, decay=False,
     )  # fmt: skip
     stage.metrics["held-out masked-LM loss"] = {n: _mlm_eval(env, models[n], eval_batches) for n in NAMES}
@@ -460,20 +265,6 @@ def stage_pretrain(
 
 
 # --- stage 2: classification fine-tuning -------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _accuracy(env: Env, model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> float:
-    model.eval()
-    correct = total = 0
-    for *inputs, y in batches:
-        with env.autocast(True):
-            out = model(*inputs)
-        logits = out.logits if hasattr(out, "logits") else out
-        correct += int((logits.argmax(-1) == y).sum())
-        total += y.numel()
-    model.train()
-    return correct / max(total, 1)
 
 
 def _load_encoder(model: nn.Module, pretrained: nn.Module) -> None:
@@ -534,26 +325,26 @@ def stage_finetune_text(
     set_dropout(parity_stock, 0.0)
     with env.exact_fp32():
         train_side_by_side(
-            env, stage, stage.parity, "parity (fp32, dropout 0)", _twins(env, parity_stock, stage),
-            _adamw(size["cls_lr"]), parity_steps, loss_fn, amp=False, seed=env.seed * 1000 + 1, schedule=False,
+            env, stage, stage.parity, "parity (fp32, dropout 0)", make_twins(env, parity_stock, stage),
+            adamw(size["cls_lr"]), parity_steps, loss_fn, amp=False, seed=env.seed * 1000 + 1, schedule=False,
         )  # fmt: skip
     del parity_stock
-    models = _twins(env, init, stage, record=False)
+    models = make_twins(env, init, stage, record=False)
     train_side_by_side(
-        env, stage, stage.main, "train (dropout 0.1)", models, _adamw(size["cls_lr"]), cls_steps, loss_fn,
+        env, stage, stage.main, "train (dropout 0.1)", models, adamw(size["cls_lr"]), cls_steps, loss_fn,
         amp=True, seed=env.seed * 1000 + 600_000,
     )  # fmt: skip
-    stage.metrics["validation accuracy"] = {n: _accuracy(env, models[n], val_batches) for n in NAMES}
+    stage.metrics["validation accuracy"] = {n: accuracy(env, models[n], val_batches) for n in NAMES}
     del models
     # Control: what the pretraining bought. The same classifier from a randomly initialized encoder (stock only),
     # trained on the same batches with the same schedule and seeds.
     torch.manual_seed(env.seed + 1)
     scratch = BertForSequenceClassification(config).to(env.device)
     stage.control_losses = train_single(
-        env, scratch, _adamw(size["cls_lr"]), cls_steps, loss_fn, amp=True, seed=env.seed * 1000 + 600_000,
+        env, scratch, adamw(size["cls_lr"]), cls_steps, loss_fn, amp=True, seed=env.seed * 1000 + 600_000,
         label="control: encoder not pretrained",
     )  # fmt: skip
-    control = stage.control_metrics["validation accuracy"] = _accuracy(env, scratch, val_batches)
+    control = stage.control_metrics["validation accuracy"] = accuracy(env, scratch, val_batches)
     del scratch
     twins = statistics.mean(stage.metrics["validation accuracy"].values())
     stage.details.append(
@@ -571,10 +362,10 @@ def stage_finetune_text(
         faster = BertForSequenceClassification(config).to(env.device)
         _load_encoder(faster, encoder)
         train_single(
-            env, faster, _adamw(size["cls_lr"]), cls_steps, loss_fn, amp=True, seed=env.seed * 1000 + 600_000,
+            env, faster, adamw(size["cls_lr"]), cls_steps, loss_fn, amp=True, seed=env.seed * 1000 + 600_000,
             label="encoder pretrained by the ptfast twin for the stock twin's seconds",
         )  # fmt: skip
-        acc = _accuracy(env, faster, val_batches)
+        acc = accuracy(env, faster, val_batches)
         stock_acc = stage.metrics["validation accuracy"]["stock"]
         stage.metrics["validation accuracy, same pretraining seconds"] = {"stock": stock_acc, "ptfast": acc}
         stage.metrics["validation accuracy"] = stage.metrics.pop("validation accuracy")  # the headline stays last
@@ -704,8 +495,6 @@ def run(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     stages: list[Stage] = []
     text = None
-    from ptfast.demo import cnn_stages
-
     with ptfast.use_backend(backend):
         if "pretrain" in wanted:
             _say("\npreparing text: stdlib docstrings, WordPiece vocabulary, packed examples ...")

@@ -64,7 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptfast.integrations import has_hooks
+from ptfast.integrations import bert_unpad, has_hooks
+from ptfast.integrations.bert_unpad import pop_return_dict
 from ptfast.ops.masked_lm_loss import masked_lm_loss
 
 __all__ = ["DEFAULT_ROW_BUDGET", "PatchedMLMForward", "mlm_head_loss", "patch_model", "row_budget"]
@@ -243,13 +244,6 @@ def _loss_from_logits(logits: Tensor, labels: Tensor, vocab: int, num_items_in_b
 # --- the patched forwards ---------------------------------------------------------------------------------
 
 
-def _pop_return_dict(model: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """transformers' ``can_return_tuple``: the ``return_dict`` keyword if not None, else ``config.return_dict``."""
-    default = getattr(getattr(model, "config", None), "return_dict", True)
-    passed = kwargs.pop("return_dict", None)
-    return bool(default if passed is None else passed)
-
-
 def _with_loss(output: Any, loss: Tensor) -> Any:
     # A fresh output object: assigning a field that was None would put it last in to_tuple()'s order.
     return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
@@ -269,7 +263,7 @@ def _forward_masked_lm(
     **kwargs: Any,
 ) -> Any:
     """``BertForMaskedLM.forward`` with the fused head in training (see the module docstring)."""
-    return_dict = _pop_return_dict(model, kwargs)
+    return_dict = pop_return_dict(model, kwargs)
     # Left in kwargs: the stock model also hands it to the encoder (whose attention functions ignore it).
     num_items = kwargs.get("num_items_in_batch")
     inputs = dict(
@@ -311,7 +305,7 @@ def _forward_pretraining(
     **kwargs: Any,
 ) -> Any:
     """``BertForPreTraining.forward`` with the fused masked-LM head in training (see the module docstring)."""
-    return_dict = _pop_return_dict(model, kwargs)
+    return_dict = pop_return_dict(model, kwargs)
     num_items = kwargs.get("num_items_in_batch")
     inputs = dict(
         attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
@@ -357,8 +351,6 @@ def _forward_pretraining(
 def _packed_bert(bert: nn.Module, input_ids: Tensor | None, inputs: dict[str, Any], kwargs: dict[str, Any]):
     """``(packed, encoder output on the packed row)`` when ``bert`` was unpadded by ``ptfast.patch(unpad=True)``
     and these inputs can run unpadded (:mod:`ptfast.integrations.bert_unpad`), else None."""
-    from ptfast.integrations import bert_unpad
-
     unpadded = bert_unpad.unpadded_forward_of(bert)
     attention_mask = inputs.get("attention_mask")
     everything = {**inputs, **kwargs}

@@ -43,10 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptfast.integrations.bert_mlm import _pop_return_dict
 from ptfast.integrations.transformers import PADDING_FREE_KWARGS
 
 __all__ = ["Packed", "UnpaddedBertForward", "pack", "packed_encoder", "patch_model", "unpad_reason"]
+
+
+def pop_return_dict(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """transformers' ``can_return_tuple``: the ``return_dict`` keyword if not None, else ``config.return_dict``.
+    Shared by the patched forwards here and in :mod:`ptfast.integrations.bert_mlm` (which imports this module)."""
+    default = getattr(getattr(model, "config", None), "return_dict", True)
+    passed = kwargs.pop("return_dict", None)
+    return bool(default if passed is None else passed)
 
 
 @dataclass
@@ -189,7 +196,7 @@ class UnpaddedBertForward:
                       inputs_embeds=inputs_embeds)  # fmt: skip
         if not self.can_unpad(attention_mask, kwargs):
             return type(bert).forward(bert, attention_mask=attention_mask, **inputs, **kwargs)
-        return_dict = _pop_return_dict(bert, kwargs)
+        return_dict = pop_return_dict(bert, kwargs)
         packed = pack(attention_mask)
         out = packed_encoder(bert, packed, **inputs, **kwargs)
         sequence = packed.scatter(out.last_hidden_state)

@@ -64,7 +64,6 @@ The backend is ptfast's usual choice (``ptfast.use_backend(...)``, ``PTFAST_BACK
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -73,6 +72,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ptfast.integrations.transformers_interfaces import transformers_interfaces
 from ptfast.integrations.transformers_mask import create_mask, packed_sequence_base
 
 # The ops module, not ``ptfast`` itself: this module may be imported while ``ptfast/__init__`` is still running
@@ -90,7 +90,6 @@ __all__ = [
 ]
 
 DEFAULT_NAME = "ptfast"
-MIN_TRANSFORMERS = (5, 0)
 
 #: Keyword arguments transformers models pass to attention functions that cannot change the result, and why.
 HARMLESS_KWARGS: Mapping[str, str] = MappingProxyType(
@@ -110,41 +109,6 @@ PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_le
 # --- importing and registering ----------------------------------------------------------------------------
 
 
-def _transformers_interfaces() -> tuple[Any, Any]:
-    """``(AttentionInterface, masking_utils)`` of the installed transformers, or a clear error."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(
-            "ptfast.integrations.transformers needs Hugging Face transformers >= 5.0 (pip install 'transformers>=5')"
-        ) from e
-    m = re.match(r"(\d+)\.(\d+)", getattr(transformers, "__version__", ""))
-    version = (int(m.group(1)), int(m.group(2))) if m else None
-    if version is None or version < MIN_TRANSFORMERS:
-        raise ImportError(
-            f"ptfast.integrations.transformers needs transformers >= 5.0 (found {transformers.__version__!r}): "
-            "transformers 4.x selects attention classes per model instead of dispatching through AttentionInterface"
-        )
-    try:
-        from transformers import AttentionInterface, masking_utils
-    except ImportError as e:
-        raise RuntimeError(f"transformers {transformers.__version__} has no AttentionInterface / masking_utils") from e
-    needed = (
-        "AttentionMaskInterface",
-        "flash_attention_mask",
-        "sdpa_mask",
-        "causal_mask_function",
-        "bidirectional_mask_function",
-    )
-    missing = [n for n in needed if not hasattr(masking_utils, n)]
-    if missing or not hasattr(AttentionInterface, "register"):
-        raise RuntimeError(
-            f"transformers {transformers.__version__}: transformers.masking_utils lacks {', '.join(missing) or '-'} "
-            "(or AttentionInterface.register is missing); ptfast's integration was written against 5.17-5.23"
-        )
-    return AttentionInterface, masking_utils
-
-
 def register(name: str = DEFAULT_NAME) -> None:
     """Make ``attn_implementation=name`` (default ``"ptfast"``) available to transformers models.
 
@@ -158,7 +122,7 @@ def register(name: str = DEFAULT_NAME) -> None:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"ptfast.integrations.transformers.register: name must be a non-empty str, got {name!r}")
-    attention_interface, masking_utils = _transformers_interfaces()
+    attention_interface, masking_utils = transformers_interfaces()
     attention_interface.register(name, attention_forward)
     masking_utils.AttentionMaskInterface.register(name, create_mask)
 
@@ -168,7 +132,7 @@ def is_registered(name: str = DEFAULT_NAME) -> bool:
     if "transformers" not in sys.modules:
         return False  # nothing can have been registered without importing it
     try:
-        attention_interface, masking_utils = _transformers_interfaces()
+        attention_interface, masking_utils = transformers_interfaces()
     except (ImportError, RuntimeError):
         return False
     # A fresh instance has no local overrides, so lookups show the process-wide registrations.

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ptfast.integrations.transformers_interfaces import transformers_interfaces
+
 __all__ = ["create_mask", "packed_sequence_base"]
 
 
@@ -59,9 +61,7 @@ def _closure(fn: Callable) -> dict[str, Any]:
 def packed_sequence_base(mask_function: object) -> Callable | None:
     """The base pattern if ``mask_function`` is transformers' ``and_masks(base, packed_sequence_mask_function(...))``
     (``base`` possibly wrapped by ``remap_positions_for_packed_sequence``), else ``None``."""
-    from ptfast.integrations.transformers import _transformers_interfaces
-
-    _, mu = _transformers_interfaces()
+    _, mu = transformers_interfaces()
     if not _made_by(mask_function, mu.and_masks):
         return None
     parts = _closure(mask_function).get("mask_functions")
@@ -86,9 +86,7 @@ _packed_sequence_base_eager = torch.compiler.disable(packed_sequence_base)
 def create_mask(*args: Any, **kwargs: Any) -> Any:
     """Mask builder registered with ``AttentionMaskInterface`` (transformers' mask-interface signature): see the
     module docstring for what each pattern gets."""
-    from ptfast.integrations.transformers import _transformers_interfaces
-
-    _, masking_utils = _transformers_interfaces()
+    _, masking_utils = transformers_interfaces()
     plain = (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
     # Transformers passes everything by keyword; the positional fallback mirrors the builders' parameter order.
     if "mask_function" in kwargs:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ptfast
+from ptfast.ops.conv import conv_relu, conv_relu_pool
 
 _T = TypeVar("_T", bound="_FusedConv2d")
 
@@ -105,7 +105,7 @@ class ConvReLU2d(_FusedConv2d):
     """``relu(conv(x))`` in one fused op (stride 1 or 2). Input ``(N, Cin, H, W)`` NCHW or channels_last."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return ptfast.conv_relu(x, self.weight, self.bias, stride=self.stride[0], padding=self.fused_padding)
+        return conv_relu(x, self.weight, self.bias, stride=self.stride[0], padding=self.fused_padding)
 
 
 class ConvReLUPool2d(_FusedConv2d):
@@ -114,7 +114,7 @@ class ConvReLUPool2d(_FusedConv2d):
     _pool = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return ptfast.conv_relu_pool(x, self.weight, self.bias, padding=self.fused_padding)
+        return conv_relu_pool(x, self.weight, self.bias, padding=self.fused_padding)
 
 
 def bn_unsupported_reason(conv: nn.Conv2d, bn: nn.Module) -> str | None:
@@ -239,8 +239,8 @@ class _FusedConvBN2d(_FusedConv2d):
             if not self._relu:
                 return self._conv_forward(x, weight, bias)
             if self._pool:
-                return ptfast.conv_relu_pool(x, weight, bias, padding=self.fused_padding)
-            return ptfast.conv_relu(x, weight, bias, stride=self.stride[0], padding=self.fused_padding)
+                return conv_relu_pool(x, weight, bias, padding=self.fused_padding)
+            return conv_relu(x, weight, bias, stride=self.stride[0], padding=self.fused_padding)
         # Batch statistics cannot be folded: stock math, with the class's forward (the instance's is the identity).
         y = nn.BatchNorm2d.forward(bn, self._conv_forward(x, self.weight, self.bias))
         if not self._relu:

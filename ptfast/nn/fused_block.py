@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ptfast
 from ptfast.backends.torch.conv import conv_hw
 from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
+from ptfast.ops.add_relu import add_relu
+from ptfast.ops.conv import conv_relu, conv_relu_pool
 
 # The functions a plan may call, by name: plans hold the name, so they pickle (F.max_pool2d itself does not).
 FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -194,7 +195,7 @@ def _run_chain(block: nn.Module, chain: Chain, x: Any, residual: Any, slots: lis
             return _run_stock(block, chain, slots)
         y = block.get_submodule(chain.bn)(block.get_submodule(chain.conv)(x))
         if isinstance(y, Tensor) and y.dim() == 4 and y.shape == residual.shape and y.dtype == residual.dtype:
-            return ptfast.add_relu(y, residual)
+            return add_relu(y, residual)
         # Broadcasting or promoting: stock's own arithmetic (y is fresh and used once, as in stock's `out += r`).
         z = y.add_(residual) if chain.residual_inplace else y + residual
         return torch.relu_(z)
@@ -204,10 +205,10 @@ def _run_chain(block: nn.Module, chain: Chain, x: Any, residual: Any, slots: lis
         return conv._conv_forward(x, weight, bias)
     padding = symmetric_padding(conv)
     if chain.pool:
-        return ptfast.conv_relu_pool(x, weight, bias, padding=padding)
+        return conv_relu_pool(x, weight, bias, padding=padding)
     if residual is not None and residual.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         residual = residual.to(x.dtype)  # `out += identity` rounds identity into out's dtype as well
-    return ptfast.conv_relu(x, weight, bias, stride=conv.stride[0], padding=padding, residual=residual)
+    return conv_relu(x, weight, bias, stride=conv.stride[0], padding=padding, residual=residual)
 
 
 class FusedBlockMixin:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import ptfast
+from ptfast.ops.masked_lm_loss import masked_lm_loss
 
 
 class MaskedLMLoss(torch.nn.Module):
@@ -24,7 +24,7 @@ class MaskedLMLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
-        return ptfast.masked_lm_loss(
+        return masked_lm_loss(
             hidden,
             weight,
             labels,

@@ -3,7 +3,7 @@
 Runs only in the interpreter process (``python tests/run.py``). fp32 must match the oracle tightly (the interpreter
 computes ``tl.dot`` in IEEE fp32), dropout included: the kernel reproduces the hash keep mask of
 ``ptfast/_dropout.py`` bit for bit, so the oracle applies the very same mask. fp16 follows the low-precision rule of
-DESIGN.md §4 against PyTorch's own fp16 attention given the same combined mask; bf16 is tested on a GPU only
+docs/design.md §5 against PyTorch's own fp16 attention given the same combined mask; bf16 is tested on a GPU only
 (``tests/test_gpu_triton_attention.py``), and refused here.
 
 Covered: head dims (incl. non-powers of two), Lq != Lk both ways, Lq = 1 and Lk = 1, bool masks (full,

@@ -4,7 +4,7 @@ The backend runs its default algorithms (implicit-GEMM forward; see test_triton_
 others); the bias+ReLU kernel used after a cuDNN conv is tested directly below.
 
 Runs only in the interpreter process (``python tests/run.py``). The reference is ``relu(conv2d(...))``
-computed in float64; fp32 must match it tightly, fp16 follows the low-precision rule of DESIGN.md §4 against
+computed in float64; fp32 must match it tightly, fp16 follows the low-precision rule of docs/design.md §5 against
 PyTorch's own fp16 ops. bf16 is tested on the GPU only (tests/test_gpu_conv_backends.py).
 """
 

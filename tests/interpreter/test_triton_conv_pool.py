@@ -4,7 +4,7 @@ The default forward is the implicit GEMM with the epilogue inside (more of it in
 the standalone epilogue kernels used after a cuDNN conv are tested directly at the end of this file.
 
 Runs only in the interpreter process (``python tests/run.py``). fp32 must match the float64 oracle
-(tests/oracles/conv.py) tightly; fp16 follows the low-precision rule of DESIGN.md §4 against PyTorch's own
+(tests/oracles/conv.py) tightly; fp16 follows the low-precision rule of docs/design.md §5 against PyTorch's own
 fp16 ops. Ties and NaN are checked on constructed inputs against the torch backend, bit for bit, and the two
 kernels (:mod:`ptfast.backends.triton.bias_relu_pool`) directly, on odd sizes in both layouts.
 bf16 is tested on the GPU only (the interpreter rounds fp32 -> bf16 wrongly).

@@ -1,7 +1,7 @@
 """The Triton implicit-GEMM convolution (fused forward and dgrad) under TRITON_INTERPRET=1 (CPU tensors).
 
 Runs only in the interpreter process (``python tests/run.py``). fp32 must match the float64 oracle
-(tests/oracles/conv.py) tightly; fp16 follows the low-precision rule of DESIGN.md §4 against PyTorch's own
+(tests/oracles/conv.py) tightly; fp16 follows the low-precision rule of docs/design.md §5 against PyTorch's own
 fp16 ops. Sizes are odd and chosen so both ways of walking K run (flat: Cin 3 or 5; taps: Cin 16 or 32), M and
 Cout span several tiles with partial last tiles (interpreter tiles are 32 x 16 x 16), and pooling floors odd
 conv outputs. Ties and NaN are checked on constructed small-integer inputs against the torch backend, bit for

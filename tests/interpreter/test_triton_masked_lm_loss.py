@@ -1,6 +1,6 @@
 """masked_lm_loss on the triton backend under TRITON_INTERPRET=1 (CPU tensors), against the float64 oracle.
 
-fp32 must match the oracle tightly; fp16 follows the low-precision rule of DESIGN.md §4 against PyTorch's own
+fp32 must match the oracle tightly; fp16 follows the low-precision rule of docs/design.md §5 against PyTorch's own
 fp16 ``linear`` + ``cross_entropy``. Sizes are odd and not multiples of the kernel's tiles (16 rows x 32 vocab x
 16 hidden under the interpreter). bf16 runs on a GPU only.
 """

@@ -2,7 +2,7 @@
 
 The same cases and checks as the main tier's ``tests/test_properties.py`` (``tests/property_strategies.py``), on
 the triton backend (asserted with ``record_dispatch``, forward and backward): fp32 tightly against the float64
-oracle, fp16 by the low-precision rule of DESIGN.md §4 against PyTorch's own op in fp16 (bf16 only on a GPU: the
+oracle, fp16 by the low-precision rule of docs/design.md §5 against PyTorch's own op in fp16 (bf16 only on a GPU: the
 interpreter computes bf16 ``tl.dot`` wrongly). The convolution also draws the triton backend's algorithms (implicit
 GEMM or cuDNN + epilogue forward, Triton or cuDNN dgrad / wgrad).
 
