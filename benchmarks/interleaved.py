@@ -101,6 +101,21 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
         name = f"masked_lm_loss N2048 15% E{emb} V{vocab}"
         rows[f"{name} fwd+bwd"] = (_fwd_bwd(ours, [h, w, b]), _fwd_bwd(stock, [h, w, b]))
         rows[f"{name} fwd"] = (_fwd(ours), _fwd(stock))
+    # The method's own noise: stock against itself (two closures over the same call), so a ratio is read against
+    # how far from 1.0 identical code lands in the same run.
+    x = torch.randn(32, 128, 16, 16, generator=g).requires_grad_()
+    w = (torch.randn(128, 128, 3, 3, generator=g) / (9 * 128) ** 0.5).requires_grad_()
+    b = torch.randn(128, generator=g).requires_grad_()
+
+    def stock_a(x=x, w=w, b=b):
+        return F.relu(F.conv2d(x, w, b, padding=1))
+
+    def stock_b(x=x, w=w, b=b):
+        return F.relu(F.conv2d(x, w, b, padding=1))
+
+    name = "control: stock vs stock, conv_relu N32 128->128 @16 NCHW"
+    rows[f"{name} fwd+bwd"] = (_fwd_bwd(stock_a, [x, w, b]), _fwd_bwd(stock_b, [x, w, b]))
+    rows[f"{name} fwd"] = (_fwd(stock_a), _fwd(stock_b))
     return rows
 
 
@@ -109,17 +124,18 @@ def measure(rounds: int, inner: int, only: str | None = None) -> list[tuple[str,
     for ours, stock in rows.values():  # warm-up
         ours(), stock(), ours(), stock()
     ratios: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(rounds):
+    for i in range(rounds):
         for name, (ours, stock) in rows.items():
-            t_ours, t_stock = [], []
+            times: dict[Callable[[], None], list[float]] = {ours: [], stock: []}
+            # Which of the two runs first alternates by round: the first call after another row's runs pays
+            # for cold caches, and an order that never changes would charge one side every time.
+            order = (ours, stock) if i % 2 == 0 else (stock, ours)
             for _ in range(inner):
-                t0 = time.perf_counter()
-                ours()
-                t_ours.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                stock()
-                t_stock.append(time.perf_counter() - t0)
-            ratios[name].append(min(t_stock) / min(t_ours))
+                for fn in order:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[fn].append(time.perf_counter() - t0)
+            ratios[name].append(min(times[stock]) / min(times[ours]))
     out = []
     for name, r in ratios.items():
         r.sort()

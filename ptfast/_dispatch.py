@@ -252,6 +252,18 @@ def record(op: str, backend: str, phase: str) -> None:
                 events.append((op, backend, phase))
 
 
+def record_autograd_route(op: str, out: object, *, backward: bool = True) -> None:
+    """Record an eager route that ran the torch backend as PyTorch's own differentiable ops (no ptfast Function
+    in the graph): its forward now and, when a :func:`record_dispatch` block is open and ``out`` needs a gradient,
+    its backward through a hook on ``out``'s autograd node (so nothing but this bookkeeping runs in Python during
+    backward, and only while recording). ``backward=False`` for an op whose backward is no backend's (add_relu:
+    ReLU's own, which the op does not record either)."""
+    record(op, "torch", "forward")
+    grad_fn = getattr(out, "grad_fn", None)
+    if backward and _recorders and grad_fn is not None:
+        grad_fn.register_prehook(lambda grads: record(op, "torch", "backward"))
+
+
 @contextmanager
 def record_dispatch() -> Iterator[list[tuple[str, str, str]]]:
     """Collect ``(op, backend, phase)`` for every implementation that runs in this block (any thread)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ptfast.nn.pool import switch_max_pools
 from ptfast.patching_cnn import patch_convs
 
 log = logging.getLogger("ptfast")
@@ -115,6 +116,7 @@ def patch(
     report = PatchReport()
     if conv:
         patch_convs(model, report.replaced, report.skipped)
+        switch_max_pools(model, report.replaced)  # after the fusion, which takes the pools it fuses
     if attention:
         from ptfast.integrations import torch_transformer
 

@@ -68,7 +68,7 @@ def stubs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def by_thread(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[str, str, str]]]:
+def by_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[tuple[str, str, str]]]]:
     """``{thread name (or asyncio task name): [(op, backend, phase), ...]}`` of every implementation that ran."""
     log: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     lock = threading.Lock()
@@ -85,7 +85,9 @@ def by_thread(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[str, str,
         original(op, backend, phase)
 
     monkeypatch.setattr(_dispatch, "record", record)
-    return log
+    # An open record_dispatch block too: auto's CPU routes record their backward only while one is open.
+    with _dispatch.record_dispatch():
+        yield log
 
 
 def _expected(backend: str, ops=OPS, phases=PHASES) -> set[tuple[str, str, str]]:

@@ -34,19 +34,32 @@ def _grads(out, inputs, grad):
     return torch.autograd.grad(out, wanted, grad)
 
 
+def _ran_the_op(out: torch.Tensor) -> bool:
+    """Whether the op's own autograd Function made ``out`` (explicit backend) rather than auto's CPU route of
+    PyTorch's differentiable ops (tests/test_conv_autograd_route.py)."""
+    return type(out.grad_fn).__name__.endswith("_eagerBackward")
+
+
+# "auto": on a CPU, eager, PyTorch's own differentiable ops (backends/torch/conv.py, eager_forward); "torch": the
+# explicit backend, the op with its own backward. Both are the torch backend and both must meet the oracle.
+ROUTES = pytest.mark.parametrize("route", ["auto", "torch"], ids=["auto_route", "op"])
+
+
+@ROUTES
 @pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("k,padding", [((3, 3), 1), ((1, 1), 0), ((2, 3), 0), ((3, 3), 2)])
-def test_fp32_matches_oracle(pool, channels_last, bias, k, padding):
+def test_fp32_matches_oracle(pool, channels_last, bias, k, padding, route):
     x, weight, b = _make(k=k, channels_last=channels_last, bias=bias)
     params = [t.requires_grad_() for t in (x, weight, b) if t is not None]
     fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
-    with record_dispatch() as events:
+    with record_dispatch() as events, ptfast.use_backend(route):
         out = fn(x, weight, b, padding=padding)
         grad = torch.randn_like(out)
         got = _grads(out, (x, weight, b), grad)
     assert_ran(events, "conv_relu_pool" if pool else "conv_relu", "torch", ("forward", "backward"))
+    assert _ran_the_op(out) == (route == "torch")
 
     ref = conv_relu_ref(x, weight, b, padding, pool)
     want = torch.autograd.grad(ref, params, grad.double())
@@ -57,17 +70,20 @@ def test_fp32_matches_oracle(pool, channels_last, bias, k, padding):
         assert_close64(g, r, name)
 
 
+@ROUTES
 @pytest.mark.parametrize("pool", [False, True], ids=["relu", "relu_pool"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_low_precision_rule(pool, dtype, channels_last):
+def test_low_precision_rule(pool, dtype, channels_last, route):
     x, weight, b = _make(n=3, cin=13, cout=11, h=15, w=13, dtype=dtype, channels_last=channels_last)
     for t in (x, weight, b):
         t.requires_grad_()
     fn = ptfast.conv_relu_pool if pool else ptfast.conv_relu
-    out = fn(x, weight, b)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (x, weight, b), grad)
+    with ptfast.use_backend(route):
+        out = fn(x, weight, b)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, weight, b), grad)
+    assert _ran_the_op(out) == (route == "torch")
     base = _torch_same_dtype(x, weight, b, 1, pool)
     base_grads = torch.autograd.grad(base, (x, weight, b), grad)
     ref = conv_relu_ref(x, weight, b, 1, pool)

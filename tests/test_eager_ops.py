@@ -35,8 +35,9 @@ def _g(seed: int) -> torch.Generator:
 
 
 def _explicit_torch(call):  # noqa: ANN001, ANN202
-    """``call`` on the explicit torch backend: under ``auto`` a CPU call of attention's whole-input plan runs
-    PyTorch's flash kernel as its own autograd node, not the op (tests/test_attention_saved_lse.py)."""
+    """``call`` on the explicit torch backend: under ``auto`` an eager CPU call of conv_relu(_pool), add_relu and
+    attention's whole-input plan runs PyTorch's own differentiable ops, not the op (tests/test_conv_autograd_route.py,
+    tests/test_attention_saved_lse.py)."""
 
     def run(t):  # noqa: ANN001, ANN202
         with ptfast.use_backend("torch"):
@@ -75,10 +76,14 @@ def _cases():
     labels = torch.randint(0, 37, (3, 17), generator=_g(5))
     labels[0, :5] = -100
     return [
-        ("add_relu", add_leaves, lambda t: ptfast.add_relu(*t)),
-        ("conv_relu", conv_leaves, lambda t: ptfast.conv_relu(*t)),
-        ("conv_relu s2 + residual", res_leaves, lambda t: ptfast.conv_relu(*t[:3], stride=2, residual=t[3])),
-        ("conv_relu_pool", conv_leaves, lambda t: ptfast.conv_relu_pool(*t)),
+        ("add_relu", add_leaves, _explicit_torch(lambda t: ptfast.add_relu(*t))),
+        ("conv_relu", conv_leaves, _explicit_torch(lambda t: ptfast.conv_relu(*t))),
+        (
+            "conv_relu s2 + residual",
+            res_leaves,
+            _explicit_torch(lambda t: ptfast.conv_relu(*t[:3], stride=2, residual=t[3])),
+        ),
+        ("conv_relu_pool", conv_leaves, _explicit_torch(lambda t: ptfast.conv_relu_pool(*t))),
         ("attention dropout", attn_leaves, lambda t: ptfast.attention(*t, key_mask=key_mask, dropout_p=0.3)),
         ("attention causal", attn_leaves, _explicit_torch(lambda t: ptfast.attention(*t, is_causal=True))),
         ("masked_lm_loss", mlm_leaves, lambda t: ptfast.masked_lm_loss(t[0], t[1], labels, bias=t[2])),
@@ -132,12 +137,13 @@ def test_direct_call_without_grad_and_with_parameters() -> None:
     conv = torch.nn.Conv2d(5, 7, 3, padding=1)  # Parameters are plain tensors for the direct path
     x = torch.randn(2, 5, 9, 11, generator=_g(7))
     assert _eager.direct_call_allowed((x, conv.weight, conv.bias, None, 1, 1, False, False, "torch"))
-    out = ptfast.conv_relu(x, conv.weight, conv.bias)
-    assert type(out.grad_fn).__name__ == "conv_relu_eagerBackward"
-    with torch.no_grad():
-        assert ptfast.conv_relu(x, conv.weight, conv.bias).grad_fn is None
-    with torch.inference_mode():
-        assert torch.equal(ptfast.conv_relu(x, conv.weight, conv.bias), out.detach())
+    with ptfast.use_backend("torch"):
+        out = ptfast.conv_relu(x, conv.weight, conv.bias)
+        assert type(out.grad_fn).__name__ == "conv_relu_eagerBackward"
+        with torch.no_grad():
+            assert ptfast.conv_relu(x, conv.weight, conv.bias).grad_fn is None
+        with torch.inference_mode():
+            assert torch.equal(ptfast.conv_relu(x, conv.weight, conv.bias), out.detach())
 
 
 def test_direct_call_refused_while_tracing_or_under_modes() -> None:
@@ -169,9 +175,10 @@ def test_create_graph_goes_through_the_library_backward_op() -> None:
     then says it is not implemented, rather than differentiating a kernel's output as a constant)."""
     x = torch.randn(2, 3, 7, 8, generator=_g(8), requires_grad=True)
     w = torch.randn(4, 3, 3, 3, generator=_g(9), requires_grad=True)
-    out = ptfast.conv_relu(x, w)
-    assert type(out.grad_fn).__name__ == "conv_relu_eagerBackward"
-    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    assert "ptfast_conv_relu_backward" in type(gx.grad_fn).__name__
-    (gx_plain,) = torch.autograd.grad(ptfast.conv_relu(x, w).sum(), x)
+    with ptfast.use_backend("torch"):
+        out = ptfast.conv_relu(x, w)
+        assert type(out.grad_fn).__name__ == "conv_relu_eagerBackward"
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        assert "ptfast_conv_relu_backward" in type(gx.grad_fn).__name__
+        (gx_plain,) = torch.autograd.grad(ptfast.conv_relu(x, w).sum(), x)
     assert torch.equal(gx.detach(), gx_plain) and gx_plain.grad_fn is None

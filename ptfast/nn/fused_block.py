@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ptfast.backends.torch.conv import conv_hw
 from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
-from ptfast.ops.add_relu import add_relu
+from ptfast.ops.add_relu import add_relu_into
 from ptfast.ops.conv import conv_relu, conv_relu_pool
 
 # The functions a plan may call, by name: plans hold the name, so they pickle (F.max_pool2d itself does not).
@@ -195,7 +195,7 @@ def _run_chain(block: nn.Module, chain: Chain, x: Any, residual: Any, slots: lis
             return _run_stock(block, chain, slots)
         y = block.get_submodule(chain.bn)(block.get_submodule(chain.conv)(x))
         if isinstance(y, Tensor) and y.dim() == 4 and y.shape == residual.shape and y.dtype == residual.dtype:
-            return add_relu(y, residual)
+            return add_relu_into(y, residual)  # y is fresh and read by nothing else
         # Broadcasting or promoting: stock's own arithmetic (y is fresh and used once, as in stock's `out += r`).
         z = y.add_(residual) if chain.residual_inplace else y + residual
         return torch.relu_(z)

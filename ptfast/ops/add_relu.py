@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation, verification
-from ptfast._eager import RegisteredOp
+from ptfast._eager import RegisteredOp, direct_call_allowed
 from ptfast.backends.cuda import add_relu as cuda_add_relu
 from ptfast.backends.torch import add_relu as torch_add_relu
 from ptfast.backends.torch.conv import memory_format
@@ -86,6 +86,18 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
         gradient at a NaN output (ReLU's own backward, which masks only where the output is <= 0; ``conv_relu``'s
         fused backward masks with ``out > 0`` instead).
     """
+    return _add_relu(x, residual, x_is_scratch=False)
+
+
+def add_relu_into(x: Tensor, residual: Tensor) -> Tensor:
+    """:func:`add_relu` where ``x`` is the caller's fresh temporary, read by nothing else (a ResNet block's
+    ``bn2(conv2(...))`` before ``out += identity``): ``auto``'s CPU route may write the result into it, as stock's
+    ``out += identity; relu(out)`` does, instead of allocating (a fresh full-size tensor costs a CPU page faults
+    that stock does not pay). Every other route, and the result, are :func:`add_relu`'s."""
+    return _add_relu(x, residual, x_is_scratch=True)
+
+
+def _add_relu(x: Tensor, residual: Tensor, x_is_scratch: bool) -> Tensor:
     _validate(x, residual)
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)  # no-ops when already so (the kernels read both with x's offsets)
@@ -96,4 +108,11 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
         OP, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last),
         device=x.device, shape_class=shape_class, x=x, residual=residual,
     )  # fmt: skip
+    if backend == "torch" and x.device.type == "cpu" and _dispatch.requested_backend() == "auto":
+        if direct_call_allowed((x, residual)):
+            # auto's CPU route around the op's own Python: the torch backend's two ops as themselves, so that
+            # autograd's own nodes run the same backward (ReLU's on the output, then the add's) in C++.
+            out = x.add_(residual).relu_() if x_is_scratch else torch_add_relu.forward(x, residual)
+            _dispatch.record_autograd_route(OP, out, backward=False)
+            return out
     return ADD_RELU(x, residual, backend)

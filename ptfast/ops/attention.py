@@ -546,14 +546,8 @@ def _eager_flash(
     out = torch_attention.eager_flash(q, k, v, mask, key_mask, is_causal, scale)
     if out is None:
         return None
-    _dispatch.record("attention", "torch", "forward")
-    if out.requires_grad:
-        out.register_hook(_record_backward)  # runs as the kernel's backward is about to
+    _dispatch.record_autograd_route("attention", out)
     return out
-
-
-def _record_backward(grad: Tensor) -> None:
-    _dispatch.record("attention", "torch", "backward")
 
 
 def attention_varlen(
