@@ -244,7 +244,13 @@ def _conv_relu(
 
 
 def _eager_route(
-    op: str, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, stride: int, padding: int,
+    op: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    stride: int,
+    padding: int,
     pool: bool,
 ) -> Tensor | None:
     """``auto``'s CPU route around the op's own Python (see ``torch_conv.eager_forward``): eager calls on plain
