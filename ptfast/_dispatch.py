@@ -42,6 +42,7 @@ from typing import Protocol, TypeVar
 
 # Re-exported: the backends import the mark from here.
 from ptfast._compiling import constant_while_compiling
+from ptfast._eager import direct_call_allowed
 
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
@@ -250,6 +251,18 @@ def record(op: str, backend: str, phase: str) -> None:
         with _rec_lock:
             for events in _recorders:
                 events.append((op, backend, phase))
+
+
+def autograd_route_applies(backend: str, device: object, tensors: tuple) -> bool:
+    """Whether ``auto``'s CPU route may run this call as the torch backend built from PyTorch's own
+    differentiable ops (see :func:`record_autograd_route`): ``auto`` chose torch, the inputs are on a CPU, and the
+    call is eager on plain tensors (not compiled, traced, under a dispatch mode or a functorch transform)."""
+    return (
+        backend == "torch"
+        and getattr(device, "type", None) == "cpu"
+        and requested_backend() == "auto"
+        and direct_call_allowed(tensors)
+    )
 
 
 def record_autograd_route(op: str, out: object, *, backward: bool = True) -> None:

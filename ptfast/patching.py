@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ptfast.nn.pool import switch_max_pools
-from ptfast.patching_cnn import patch_convs
+from ptfast.patching_cnn import patch_convs, switch_max_pools
 
 log = logging.getLogger("ptfast")
 

@@ -43,6 +43,7 @@ from ptfast.nn.conv import (
     unsupported_reason,
 )
 from ptfast.nn.fused_block import FUNCTIONS, Chain, Plan, Step, is_fused_block, switch_to_fused
+from ptfast.nn.pool import ChannelsLastMaxPool2d
 
 FOLD_NOTE = " (folded BatchNorm on the fly in eval mode; stock unfused math in training mode)"
 
@@ -370,3 +371,18 @@ def _report_unseen(model: nn.Module, ctx: _Context, seen: set[int], failures: di
             reason = failures.get(id(parent)) or f"not called by {type(parent).__name__}.forward"
             ctx.skipped.append(f"{where} (Conv2d): {reason}")
             seen.add(id(child))
+
+
+def switch_max_pools(model: nn.Module, replaced: list[str]) -> None:
+    """Switch every plain, hook-free ``nn.MaxPool2d`` left in ``model`` (the fusion has taken the pools it fuses)
+    to :class:`~ptfast.nn.pool.ChannelsLastMaxPool2d`, in place; one report line for all of them."""
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is nn.MaxPool2d and not m.return_indices and not has_hooks(m):
+            m.__class__ = ChannelsLastMaxPool2d
+            names.append(name or type(model).__name__)
+    if names:
+        replaced.append(
+            f"{', '.join(names)} (MaxPool2d, not fused with a conv): pooled in channels-last on a CPU "
+            "(PyTorch's NCHW max-pool kernel there is a scalar loop; same result), unchanged elsewhere"
+        )

@@ -42,6 +42,17 @@ def assert_ran(events: Iterable[tuple[str, str, str]], op: str, backend: str, ph
         assert (op, backend, phase) in events, f"expected {op}/{backend}/{phase} to run, saw {events}"
 
 
+def autograd_node_names(node) -> list[str]:
+    """The class names of the autograd nodes reachable from ``node`` (a tensor's ``grad_fn``), itself first."""
+    names, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        if n is not None:
+            names.append(type(n).__name__)
+            todo.extend(next_fn for next_fn, _ in n.next_functions)
+    return names
+
+
 def fallback_warnings(caught) -> list[str]:
     """The messages of the ptfast.FallbackWarnings among warnings caught with ``warnings.catch_warnings``."""
     import ptfast

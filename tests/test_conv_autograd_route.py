@@ -16,7 +16,7 @@ import torch
 import ptfast
 from ptfast.ops.add_relu import add_relu_into
 from ptfast.testing import record_dispatch
-from tests.helpers import assert_ran
+from tests.helpers import assert_ran, autograd_node_names
 
 
 def _leaves(n=3, cin=6, cout=5, h=11, w=9, channels_last=False, seed=0, residual=False, stride=1):
@@ -41,13 +41,7 @@ def _call(kind, leaves, stride=1):
 
 
 def _names(out):
-    names, todo = [], [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None:
-            names.append(type(node).__name__)
-            todo.extend(f for f, _ in node.next_functions)
-    return names
+    return autograd_node_names(out.grad_fn)
 
 
 def _run(kind, leaves, grad_seed=1, stride=1):

@@ -18,6 +18,7 @@ from ptfast.ops import attention as attention_mod
 from ptfast.ops import conv as conv_mod
 from ptfast.ops import masked_lm_loss as mlm_mod
 from ptfast.testing import record_dispatch
+from tests.helpers import autograd_node_names
 
 
 class _OpLog(TorchDispatchMode):
@@ -98,17 +99,6 @@ def _cases():
 CASES = _cases()
 
 
-def _graph(node) -> list[str]:  # noqa: ANN001
-    """The autograd node names reachable from ``node``."""
-    names, todo = [], [node]
-    while todo:
-        n = todo.pop()
-        if n is not None:
-            names.append(type(n).__name__)
-            todo.extend(next_fn for next_fn, _ in n.next_functions)
-    return names
-
-
 def _run(make, call, seed: int = 11):
     leaves = [t.requires_grad_() for t in make()]
     torch.manual_seed(seed)  # the dropout seed comes from torch's generator
@@ -121,7 +111,9 @@ def _run(make, call, seed: int = 11):
 def test_direct_call_matches_the_library_op(name: str, make, call) -> None:  # noqa: ANN001
     with record_dispatch() as direct_events:
         out, grads, grad_fn = _run(make, call)
-    assert any(n.endswith("_eagerBackward") for n in _graph(grad_fn)), _graph(grad_fn)  # the direct path ran
+    assert any(n.endswith("_eagerBackward") for n in autograd_node_names(grad_fn)), autograd_node_names(
+        grad_fn
+    )  # the direct path ran
     with _OpLog() as log, record_dispatch() as library_events:  # a dispatch mode sees the library op
         ref, ref_grads, _ = _run(make, call)
     assert any(op.startswith("ptfast.") and "backward" not in op for op in log.ops), log.ops

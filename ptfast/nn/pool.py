@@ -5,12 +5,12 @@ ResNet's stem pool (3x3, stride 2, padding 1) on a 64x16x16x16 fp32 activation: 
 converting to channels-last, pooling and converting back; forward+backward 1.15 ms against 0.69 ms (measured,
 torch 2.13, 2 threads; 16x64x56x56: 12.6 ms against 3.8 ms forward). That pool is a tenth of a small ResNet's
 training step on a CPU. Both kernels give the same values and send the gradient to the same element (the first
-maximum of a window; the NaN both pick), which ``tests/test_patch_cnn.py`` checks on ties and NaNs, so the
+maximum of a window; the NaN both pick), which ``tests/test_pool.py`` checks on ties and NaNs, so the
 result is stock's bit for bit.
 
 ``ptfast.patch`` switches the class of each plain ``nn.MaxPool2d`` instance (not a subclass, no indices
-returned, no hooks) to :class:`ChannelsLastMaxPool2d`, keeping the object, its settings and its place; on any
-other device or input it is ``nn.MaxPool2d`` itself.
+returned, no hooks) to :class:`ChannelsLastMaxPool2d` (``patching_cnn.switch_max_pools``), keeping the object, its
+settings and its place; on any other device or input it is ``nn.MaxPool2d`` itself.
 """
 
 from __future__ import annotations
@@ -87,22 +87,3 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
             ceil_mode=self.ceil_mode,
         )
         return y.contiguous()
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def switch_max_pools(model: nn.Module, replaced: list[str]) -> None:
-    """Switch every plain, hook-free ``nn.MaxPool2d`` in ``model`` to :class:`ChannelsLastMaxPool2d` (in place;
-    one report line for all of them)."""
-    names = []
-    for name, m in model.named_modules():
-        if type(m) is nn.MaxPool2d and not m.return_indices and not _has_hooks(m):
-            m.__class__ = ChannelsLastMaxPool2d
-            names.append(name or type(model).__name__)
-    if names:
-        replaced.append(
-            f"{', '.join(names)} (MaxPool2d, not fused with a conv): pooled in channels-last on a CPU "
-            "(PyTorch's NCHW max-pool kernel there is a scalar loop; same result), unchanged elsewhere"
-        )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation, verification
-from ptfast._eager import RegisteredOp, direct_call_allowed
+from ptfast._eager import RegisteredOp
 from ptfast.backends.cuda import add_relu as cuda_add_relu
 from ptfast.backends.torch import add_relu as torch_add_relu
 from ptfast.backends.torch.conv import memory_format
@@ -108,11 +108,10 @@ def _add_relu(x: Tensor, residual: Tensor, x_is_scratch: bool) -> Tensor:
         OP, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last),
         device=x.device, shape_class=shape_class, x=x, residual=residual,
     )  # fmt: skip
-    if backend == "torch" and x.device.type == "cpu" and _dispatch.requested_backend() == "auto":
-        if direct_call_allowed((x, residual)):
-            # auto's CPU route around the op's own Python: the torch backend's two ops as themselves, so that
-            # autograd's own nodes run the same backward (ReLU's on the output, then the add's) in C++.
-            out = x.add_(residual).relu_() if x_is_scratch else torch_add_relu.forward(x, residual)
-            _dispatch.record_autograd_route(OP, out, backward=False)
-            return out
+    if _dispatch.autograd_route_applies(backend, x.device, (x, residual)):
+        # auto's CPU route around the op's own Python: the torch backend's two ops as themselves, so that
+        # autograd's own nodes run the same backward (ReLU's on the output, then the add's) in C++.
+        out = x.add_(residual).relu_() if x_is_scratch else torch_add_relu.forward(x, residual)
+        _dispatch.record_autograd_route(OP, out, backward=False)
+        return out
     return ADD_RELU(x, residual, backend)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _attention_layout, _dispatch, _dropout, _validation, verification
-from ptfast._eager import RegisteredOp, direct_call_allowed
+from ptfast._eager import RegisteredOp
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import attention as torch_attention
 from ptfast.backends.torch import attention_varlen as torch_attention_varlen
@@ -527,26 +527,14 @@ def attention(
         device=query.device, shape_class=shape_class, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
-    if backend == "torch" and dropout_p == 0 and _dispatch.requested_backend() == "auto":
-        out = _eager_flash(query, key, value, mask, key_mask, bool(is_causal), scale_f)
-        if out is not None:
+    if dropout_p == 0 and _dispatch.autograd_route_applies(backend, query.device, (query, key, value, mask, key_mask)):
+        # auto's CPU route around the op's own Python: PyTorch's flash kernel as its own autograd node.
+        out = torch_attention.eager_flash(query, key, value, mask, key_mask, bool(is_causal), scale_f)
+        if out is not None:  # None: the op's result differs there (see eager_flash)
+            _dispatch.record_autograd_route(op, out)
             return out
     seed = _seed(dropout_p, query.device)
     out, _ = ATTENTION(query, key, value, mask, key_mask, seed, float(dropout_p), bool(is_causal), scale_f, backend)
-    return out
-
-
-def _eager_flash(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, key_mask: Tensor | None, is_causal: bool, scale: float
-) -> Tensor | None:
-    """``auto``'s CPU route around the op's own Python (see ``torch_attention.eager_flash``): eager calls on plain
-    tensors only, recorded as the torch backend's forward and (through a hook on ``out``) backward."""
-    if not direct_call_allowed((q, k, v, mask, key_mask)):
-        return None
-    out = torch_attention.eager_flash(q, k, v, mask, key_mask, is_causal, scale)
-    if out is None:
-        return None
-    _dispatch.record_autograd_route("attention", out)
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ptfast import _dispatch, _validation, verification
-from ptfast._eager import RegisteredOp, direct_call_allowed
+from ptfast._eager import RegisteredOp
 from ptfast.backends.cuda import conv as cuda_conv
 from ptfast.backends.torch import conv as torch_conv
 from ptfast.backends.triton import conv as triton_conv
@@ -234,32 +234,13 @@ def _conv_relu(
         device=x.device, shape_class=shape_class,
         x=x, weight=weight, bias=bias, residual=residual, stride=stride, padding=padding, pool=pool,
     )  # fmt: skip
-    if backend == "torch" and x.device.type == "cpu" and _dispatch.requested_backend() == "auto":
-        out = _eager_route(op, x, weight, bias, residual, stride, padding, pool)
-        if out is not None:
+    if _dispatch.autograd_route_applies(backend, x.device, (x, weight, bias, residual)):
+        out = torch_conv.eager_forward(x, weight, bias, residual, stride, padding, pool)
+        if out is not None:  # None: the op's result differs there (see eager_forward)
+            _dispatch.record_autograd_route(op, out)
             return out
     need_argmax = pool and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     out, _ = CONV_RELU(x, weight, bias, residual, stride, padding, pool, need_argmax, backend)
-    return out
-
-
-def _eager_route(
-    op: str,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    stride: int,
-    padding: int,
-    pool: bool,
-) -> Tensor | None:
-    """``auto``'s CPU route around the op's own Python (see ``torch_conv.eager_forward``): eager calls on plain
-    tensors only, recorded as the torch backend's forward and backward."""
-    if not direct_call_allowed((x, weight, bias, residual)):
-        return None
-    out = torch_conv.eager_forward(x, weight, bias, residual, stride, padding, pool)
-    if out is not None:
-        _dispatch.record_autograd_route(op, out)
     return out
 
 
