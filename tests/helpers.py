@@ -42,6 +42,12 @@ def assert_ran(events: Iterable[tuple[str, str, str]], op: str, backend: str, ph
         assert (op, backend, phase) in events, f"expected {op}/{backend}/{phase} to run, saw {events}"
 
 
+def ran_the_op(out: torch.Tensor) -> bool:
+    """Whether a ptfast op's own autograd Function made ``out`` (an explicit backend, or where auto's CPU routes
+    step aside) rather than one of auto's CPU routes of PyTorch's differentiable ops."""
+    return type(out.grad_fn).__name__.endswith("_eagerBackward")
+
+
 def autograd_node_names(node) -> list[str]:
     """The class names of the autograd nodes reachable from ``node`` (a tensor's ``grad_fn``), itself first."""
     names, todo = [], [node]

@@ -56,12 +56,15 @@ def sdpa_reference(q, k, v, attn_mask=None, key_mask=None, is_causal=False, scal
     return out * valid
 
 
-def run_and_check(q, k, v, *, attn_mask=None, key_mask=None, is_causal=False, scale=None, dropout_p=0.0, seed=7):
-    """Run ptfast (forward + backward, torch backend asserted), compare output and grads with the oracle."""
+def run_and_check(
+    q, k, v, *, attn_mask=None, key_mask=None, is_causal=False, scale=None, dropout_p=0.0, seed=7, backend="auto"
+):
+    """Run ptfast (forward + backward, torch backend asserted), compare output and grads with the oracle.
+    ``backend="torch"`` runs the op itself where ``auto`` may take a CPU route of PyTorch's own autograd ops."""
     torch.manual_seed(seed)
     drawn = torch.randint(0, 2**31, (2,), dtype=torch.int64).tolist()  # what the wrapper will draw
     torch.manual_seed(seed)
-    with record_dispatch() as events:
+    with record_dispatch() as events, ptfast.use_backend(backend):
         out = ptfast.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, key_mask=key_mask)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad)

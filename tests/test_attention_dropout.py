@@ -13,27 +13,41 @@ from torch.utils.checkpoint import checkpoint
 import ptfast
 from ptfast import _dropout
 from ptfast.backends.torch import attention as torch_attention
+from ptfast.testing import record_dispatch
+from tests.helpers import assert_ran, ran_the_op
 from tests.oracles import attention as oracle
 from tests.test_attention import LK, B, H, key_mask_of, make_qkv, run_and_check
 
+# "auto": on a CPU, eager, the dropout math as PyTorch's own autograd ops (backends/torch/attention.py,
+# eager_dropout); "torch": the explicit backend, the op with its own explicit backward. Both must meet the oracle.
+ROUTES = pytest.mark.parametrize("route", ["auto", "torch"], ids=["auto_route", "op"])
 
+
+@ROUTES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.37])
-def test_dropout_matches_oracle_keep_mask(dtype, p):
-    run_and_check(*make_qkv(dtype=dtype), dropout_p=p)
-    run_and_check(*make_qkv(dtype=dtype, d=40), dropout_p=p, key_mask=key_mask_of("holes"), is_causal=True)
+def test_dropout_matches_oracle_keep_mask(dtype, p, route):
+    out, _ = run_and_check(*make_qkv(dtype=dtype), dropout_p=p, backend=route)
+    assert ran_the_op(out) == (route == "torch")
+    out, _ = run_and_check(
+        *make_qkv(dtype=dtype, d=40), dropout_p=p, key_mask=key_mask_of("holes"), is_causal=True, backend=route
+    )
+    assert ran_the_op(out) == (route == "torch")
 
 
-def test_dropout_with_every_mask_and_excluded_rows():
+@ROUTES
+def test_dropout_with_every_mask_and_excluded_rows(route):
     q, k, v = make_qkv(lq=19)
     key_mask = key_mask_of("right")
     key_mask[1] = False
     bool_mask = torch.rand(B, H, 19, LK) > 0.2
     out, (dq, _, _) = run_and_check(
-        q, k, v, attn_mask=bool_mask, key_mask=key_mask, is_causal=True, dropout_p=0.2, scale=0.3
+        q, k, v, attn_mask=bool_mask, key_mask=key_mask, is_causal=True, dropout_p=0.2, scale=0.3, backend=route
     )
     assert (out[1] == 0).all() and (dq[1] == 0).all()
-    run_and_check(q, k, v, attn_mask=torch.randn(B, 1, 19, LK), dropout_p=0.2)
+    assert ran_the_op(out) == (route == "torch")
+    out, _ = run_and_check(q, k, v, attn_mask=torch.randn(B, 1, 19, LK), dropout_p=0.2, backend=route)
+    assert ran_the_op(out) == (route == "torch")
 
 
 def test_torch_hash_equals_numpy_spec():
@@ -146,10 +160,12 @@ def test_dropout_independent_of_chunking(monkeypatch):
     run_and_check(q, k, v, dropout_p=0.2, key_mask=key_mask, is_causal=True)
 
 
-def test_dropout_p_one_gives_zeros():
+@ROUTES
+def test_dropout_p_one_gives_zeros(route):
     q, k, v = make_qkv()
-    out = ptfast.attention(q, k, v, dropout_p=1.0)
-    assert (out == 0).all()
+    with ptfast.use_backend(route):
+        out = ptfast.attention(q, k, v, dropout_p=1.0)
+    assert (out == 0).all() and ran_the_op(out) == (route == "torch")
     out.sum().backward()
     assert (q.grad == 0).all()
 
@@ -169,5 +185,51 @@ def test_activation_checkpointing_reproduces_gradients():
         assert torch.equal(a, b)
 
 
-def test_dropout_single_query_row():
-    run_and_check(*make_qkv(lq=1), dropout_p=0.3, key_mask=key_mask_of("right"))
+@ROUTES
+def test_dropout_single_query_row(route):
+    out, _ = run_and_check(*make_qkv(lq=1), dropout_p=0.3, key_mask=key_mask_of("right"), backend=route)
+    assert ran_the_op(out) == (route == "torch")
+
+
+def _dropout_call(q, k, v, seed: int, **kwargs):
+    torch.manual_seed(seed)
+    with record_dispatch() as events:
+        out = ptfast.attention(q, k, v, **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape).to(out.dtype))  # not _like: layouts differ
+    return out, grads, events
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_route_equals_the_op_and_is_recorded(dtype):
+    """Auto's CPU dropout route runs the op's own forward math (same bits, same keep mask from the same seed) under
+    PyTorch's autograd; its gradients are the op's explicit backward's up to rounding, and it is recorded as the
+    torch backend, forward and backward."""
+    q, k, v = make_qkv(dtype=dtype, lq=19, noncontig=True)
+    kwargs = dict(dropout_p=0.3, key_mask=key_mask_of("holes"), attn_mask=torch.rand(B, 1, 19, LK) > 0.1)
+    out, grads, events = _dropout_call(q, k, v, 21, **kwargs)
+    assert not ran_the_op(out)
+    assert_ran(events, "attention", "torch", ("forward", "backward"))
+    with ptfast.use_backend("torch"):
+        want, want_grads, _ = _dropout_call(q, k, v, 21, **kwargs)
+    assert ran_the_op(want)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.manual_seed(21)
+    with torch.no_grad():  # the route's in-place variant
+        torch.testing.assert_close(ptfast.attention(q, k, v, **kwargs), want, rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    for got, ref in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+def test_auto_route_steps_aside_where_the_op_must_run(monkeypatch):
+    """Inputs over the chunk budget (what autograd would keep between the passes must stay within it), autocast,
+    an empty key axis and an explicit backend run the op."""
+    q, k, v = make_qkv()
+    assert not ran_the_op(ptfast.attention(q, k, v, dropout_p=0.2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ran_the_op(ptfast.attention(q, k, v, dropout_p=0.2))
+    empty_k, empty_v = (t[:, :, :0].detach().requires_grad_() for t in (k, v))
+    out = ptfast.attention(q, empty_k, empty_v, dropout_p=0.2)
+    assert ran_the_op(out) and (out == 0).all()
+    monkeypatch.setattr(torch_attention, "CHUNK_BUDGET_BYTES", 5 * H * LK * 96)
+    assert ran_the_op(ptfast.attention(q, k, v, dropout_p=0.2))

@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 import ptfast
 from ptfast.testing import record_dispatch
-from tests.helpers import assert_close64, assert_ran, assert_rule
+from tests.helpers import assert_close64, assert_ran, assert_rule, ran_the_op
 from tests.oracles.conv import conv_relu_ref
 
 
@@ -34,12 +34,6 @@ def _grads(out, inputs, grad):
     return torch.autograd.grad(out, wanted, grad)
 
 
-def _ran_the_op(out: torch.Tensor) -> bool:
-    """Whether the op's own autograd Function made ``out`` (explicit backend) rather than auto's CPU route of
-    PyTorch's differentiable ops (tests/test_conv_autograd_route.py)."""
-    return type(out.grad_fn).__name__.endswith("_eagerBackward")
-
-
 # "auto": on a CPU, eager, PyTorch's own differentiable ops (backends/torch/conv.py, eager_forward); "torch": the
 # explicit backend, the op with its own backward. Both are the torch backend and both must meet the oracle.
 ROUTES = pytest.mark.parametrize("route", ["auto", "torch"], ids=["auto_route", "op"])
@@ -59,7 +53,7 @@ def test_fp32_matches_oracle(pool, channels_last, bias, k, padding, route):
         grad = torch.randn_like(out)
         got = _grads(out, (x, weight, b), grad)
     assert_ran(events, "conv_relu_pool" if pool else "conv_relu", "torch", ("forward", "backward"))
-    assert _ran_the_op(out) == (route == "torch")
+    assert ran_the_op(out) == (route == "torch")
 
     ref = conv_relu_ref(x, weight, b, padding, pool)
     want = torch.autograd.grad(ref, params, grad.double())
@@ -83,7 +77,7 @@ def test_low_precision_rule(pool, dtype, channels_last, route):
         out = fn(x, weight, b)
         grad = torch.randn_like(out)
         got = torch.autograd.grad(out, (x, weight, b), grad)
-    assert _ran_the_op(out) == (route == "torch")
+    assert ran_the_op(out) == (route == "torch")
     base = _torch_same_dtype(x, weight, b, 1, pool)
     base_grads = torch.autograd.grad(base, (x, weight, b), grad)
     ref = conv_relu_ref(x, weight, b, 1, pool)

@@ -36,9 +36,9 @@ def _g(seed: int) -> torch.Generator:
 
 
 def _explicit_torch(call):  # noqa: ANN001, ANN202
-    """``call`` on the explicit torch backend: under ``auto`` an eager CPU call of conv_relu(_pool), add_relu and
-    attention's whole-input plan runs PyTorch's own differentiable ops, not the op (tests/test_conv_autograd_route.py,
-    tests/test_attention_saved_lse.py)."""
+    """``call`` on the explicit torch backend: under ``auto`` an eager CPU call of conv_relu(_pool), add_relu,
+    attention's whole-input plan and its dropout runs PyTorch's own differentiable ops, not the op
+    (tests/test_conv_autograd_route.py, tests/test_attention_saved_lse.py, tests/test_attention_dropout.py)."""
 
     def run(t):  # noqa: ANN001, ANN202
         with ptfast.use_backend("torch"):
@@ -85,7 +85,11 @@ def _cases():
             _explicit_torch(lambda t: ptfast.conv_relu(*t[:3], stride=2, residual=t[3])),
         ),
         ("conv_relu_pool", conv_leaves, _explicit_torch(lambda t: ptfast.conv_relu_pool(*t))),
-        ("attention dropout", attn_leaves, lambda t: ptfast.attention(*t, key_mask=key_mask, dropout_p=0.3)),
+        (
+            "attention dropout",
+            attn_leaves,
+            _explicit_torch(lambda t: ptfast.attention(*t, key_mask=key_mask, dropout_p=0.3)),
+        ),
         ("attention causal", attn_leaves, _explicit_torch(lambda t: ptfast.attention(*t, is_causal=True))),
         ("masked_lm_loss", mlm_leaves, lambda t: ptfast.masked_lm_loss(t[0], t[1], labels, bias=t[2])),
         (

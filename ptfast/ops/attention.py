@@ -527,13 +527,19 @@ def attention(
         device=query.device, shape_class=shape_class, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
         dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
-    if dropout_p == 0 and _dispatch.autograd_route_applies(backend, query.device, (query, key, value, mask, key_mask)):
-        # auto's CPU route around the op's own Python: PyTorch's flash kernel as its own autograd node.
-        out = torch_attention.eager_flash(query, key, value, mask, key_mask, bool(is_causal), scale_f)
-        if out is not None:  # None: the op's result differs there (see eager_flash)
+    seed = _seed(dropout_p, query.device)  # drawn once whichever path runs: the same keep mask either way
+    if _dispatch.autograd_route_applies(backend, query.device, (query, key, value, mask, key_mask)):
+        # auto's CPU routes around the op's own Python: PyTorch's own differentiable ops, recorded by autograd
+        # (the flash kernel without dropout, the op's dropout math with it).
+        if seed is None:
+            out = torch_attention.eager_flash(query, key, value, mask, key_mask, bool(is_causal), scale_f)
+        else:
+            out = torch_attention.eager_dropout(
+                query, key, value, mask, key_mask, seed, float(dropout_p), bool(is_causal), scale_f
+            )
+        if out is not None:  # None: the op runs (see eager_flash, eager_dropout)
             _dispatch.record_autograd_route(op, out)
             return out
-    seed = _seed(dropout_p, query.device)
     out, _ = ATTENTION(query, key, value, mask, key_mask, seed, float(dropout_p), bool(is_causal), scale_f, backend)
     return out
 
