@@ -37,8 +37,9 @@ def _g(seed: int) -> torch.Generator:
 
 def _explicit_torch(call):  # noqa: ANN001, ANN202
     """``call`` on the explicit torch backend: under ``auto`` an eager CPU call of conv_relu(_pool), add_relu,
-    attention's whole-input plan and its dropout runs PyTorch's own differentiable ops, not the op
-    (tests/test_conv_autograd_route.py, tests/test_attention_saved_lse.py, tests/test_attention_dropout.py)."""
+    attention's whole-input plan and its dropout, and masked_lm_loss's mean / sum runs PyTorch's own
+    differentiable ops, not the op (tests/test_conv_autograd_route.py, tests/test_attention_saved_lse.py,
+    tests/test_attention_dropout.py, tests/test_masked_lm_loss_route.py)."""
 
     def run(t):  # noqa: ANN001, ANN202
         with ptfast.use_backend("torch"):
@@ -91,7 +92,11 @@ def _cases():
             _explicit_torch(lambda t: ptfast.attention(*t, key_mask=key_mask, dropout_p=0.3)),
         ),
         ("attention causal", attn_leaves, _explicit_torch(lambda t: ptfast.attention(*t, is_causal=True))),
-        ("masked_lm_loss", mlm_leaves, lambda t: ptfast.masked_lm_loss(t[0], t[1], labels, bias=t[2])),
+        (
+            "masked_lm_loss",
+            mlm_leaves,
+            _explicit_torch(lambda t: ptfast.masked_lm_loss(t[0], t[1], labels, bias=t[2])),
+        ),
         (
             "masked_lm_loss_none",
             mlm_leaves,

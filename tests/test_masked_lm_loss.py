@@ -126,10 +126,14 @@ def test_fp32_matches_oracle(reduction, eps, bias, small_chunks):
     check_against_oracle(h, w, t, b, reduction=reduction, label_smoothing=eps)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"], ids=["auto_route", "op"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_fp32_default_chunk_size(reduction):
+def test_fp32_default_chunk_size(reduction, backend):
+    """One chunk: under auto on a CPU, mean / sum take the route of PyTorch's own ops (see
+    test_masked_lm_loss_route.py); the explicit backend runs the op."""
     h, w, t, b = make_inputs(lead=(53,), vocab=101)
-    check_against_oracle(h, w, t, b, reduction=reduction, label_smoothing=0.07)
+    with ptfast.use_backend(backend):
+        check_against_oracle(h, w, t, b, reduction=reduction, label_smoothing=0.07)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -272,7 +276,8 @@ def test_tied_weight_gradients_add_up(reduction):
 @pytest.fixture
 def spy_needs(monkeypatch):
     """Records ``(torch backend function, needs)`` for every call that formed gradients: the recomputing backward
-    (``reduction="none"``) or the forward with gradients (``"mean"`` / ``"sum"``)."""
+    (``reduction="none"``) or the forward with gradients (``"mean"`` / ``"sum"``). On the explicit torch backend:
+    auto's CPU route runs PyTorch's own ops instead (test_masked_lm_loss_route.py)."""
     calls: list[tuple[str, tuple[bool, bool, bool]]] = []
     for name in ("backward", "forward_with_grads"):
         real = getattr(torch_mlm, name)
@@ -282,7 +287,8 @@ def spy_needs(monkeypatch):
             return _real(*args)
 
         monkeypatch.setattr(torch_mlm, name, spy)
-    return calls
+    with ptfast.use_backend("torch"):
+        yield calls
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])

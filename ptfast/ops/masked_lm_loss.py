@@ -332,6 +332,21 @@ def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
         )
 
 
+def _checked_labelled_rows(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor]:
+    """(indices of the rows whose label is not ``ignore_index``, those labels), flat, after the same value check as
+    :func:`_check_label_values`: one min/max over the gathered labels instead of a pass per condition over all of
+    them (on a CPU the route needs the gathered rows anyway, and each small op costs several times its isolated
+    time right after the big GEMMs of a training step, measured)."""
+    flat = labels.reshape(-1)
+    rows = (flat != ignore_index).nonzero().squeeze(1)
+    targets = flat.index_select(0, rows)
+    if targets.numel():
+        low, high = torch.aminmax(targets)
+        if int(low) < 0 or int(high) >= vocab:
+            _check_label_values(labels, ignore_index, vocab)  # raises, naming the bad labels
+    return rows, targets
+
+
 def masked_lm_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -372,8 +387,12 @@ def masked_lm_loss(
     else:
         _validation.check_same_dtype(_OP, hidden=hidden, weight=weight, bias=bias)
         out_dtype = hidden.dtype
+    labelled = None  # (rows, their labels) for auto's CPU route, gathered while checking the labels
     if _validation.value_checks_enabled(labels):
-        _check_label_values(labels, ignore_index, vocab)
+        if reduction != "none" and hidden.device.type == "cpu":
+            labelled = _checked_labelled_rows(labels, ignore_index, vocab)
+        else:
+            _check_label_values(labels, ignore_index, vocab)
     # The verification gate's shape class matters only on CUDA (it gates auto there): no work elsewhere.
     shape_class = verification.masked_lm_loss_class(hidden.dtype, int(hidden.shape[-1])) if hidden.is_cuda else None
     backend = _dispatch.choose(
@@ -391,6 +410,14 @@ def masked_lm_loss(
     )
     flat_labels = labels.reshape(-1)
     flat_hidden = hidden.reshape(flat_labels.shape[0], hidden.shape[-1])  # not -1: E may be 0
+    if labelled is not None and _dispatch.autograd_route_applies(
+        backend, hidden.device, (hidden, weight, labels, bias)
+    ):
+        # auto's CPU route around the op's own Python: PyTorch's own differentiable ops (see eager_loss).
+        loss = torch_mlm.eager_loss(flat_hidden, weight, *labelled, bias, reduction, float(label_smoothing))
+        if loss is not None:
+            _dispatch.record_autograd_route(_OP, loss)
+            return loss
     needs = _needed_grads(hidden, weight, bias)
     if reduction != "none" and backend == "torch":  # gradients (if any) formed in the forward
         total, n_valid, *_grads = MASKED_LM_LOSS_SUM_WITH_GRADS(

@@ -1,0 +1,100 @@
+"""Auto's CPU route of ``ptfast.masked_lm_loss`` (``backends/torch/masked_lm_loss.py``, ``eager_loss``).
+
+Under ``auto``, an eager CPU call with ``reduction="mean"/"sum"`` runs the labelled rows through PyTorch's own
+``linear`` and ``cross_entropy`` (autograd's C++ backward, no ptfast Function). It must meet the float64 oracle
+like the op, forward and every gradient, with and without a graph; check the labels as the op does; and step
+aside (the op runs) wherever the op's contract or memory bound would differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptfast
+from ptfast.backends.torch import masked_lm_loss as torch_mlm
+from ptfast.testing import record_dispatch
+from tests.helpers import assert_close64, assert_ran, autograd_node_names
+from tests.oracles import masked_lm_loss as oracle
+from tests.test_masked_lm_loss import check_against_oracle, make_inputs, run
+
+
+def _loss(h, w, t, b, **kw):
+    return ptfast.masked_lm_loss(h, w, t, b, **kw)
+
+
+def _took_route(loss: torch.Tensor) -> bool:
+    return loss.grad_fn is not None and "NllLossBackward0" in autograd_node_names(loss.grad_fn)
+
+
+def _ran_the_op(loss: torch.Tensor) -> bool:
+    """The op's own Function somewhere in the graph (the wrapper's reduction and reshape may sit on top of it)."""
+    return any(name.endswith("_eagerBackward") for name in autograd_node_names(loss.grad_fn))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 0.13])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_route_matches_oracle(reduction, eps, bias, dtype):
+    h, w, t, b = make_inputs(lead=(3, 19), emb=40, vocab=257, bias=bias, dtype=dtype)
+    with record_dispatch() as events:
+        loss, _ = check_against_oracle(h, w, t, b, reduction=reduction, label_smoothing=eps)
+    assert _took_route(_loss(h, w, t, b, reduction=reduction, label_smoothing=eps))
+    assert_ran(events, "masked_lm_loss", "torch", ("forward", "backward"))
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 7])
+def test_route_custom_ignore_index_and_frozen_weight(ignore_index):
+    h, w, t, b = make_inputs(ignore_index=ignore_index)
+    t[:4] = 7  # ignored when ignore_index is 7, although 7 is a real class
+    w.requires_grad_(False)
+    check_against_oracle(h, w, t, b, reduction="sum", ignore_index=ignore_index, label_smoothing=0.05)
+    assert _took_route(_loss(h, w, t, b, reduction="sum", ignore_index=ignore_index))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_route_without_a_graph_matches_oracle(reduction, eps):
+    """No gradient to form: the log-softmax runs in place over the logits; same loss as the oracle."""
+    h, w, t, b = (x if x is None or x.dtype == torch.int64 else x.detach() for x in make_inputs(vocab=211))
+    want = oracle.masked_lm_loss(h, w, t, b, -100, reduction, eps)
+    with torch.no_grad():
+        assert_close64(_loss(h, w, t, b, reduction=reduction, label_smoothing=eps), want, "loss")
+    assert_close64(_loss(h, w, t, b, reduction=reduction, label_smoothing=eps), want, "loss")  # frozen inputs
+
+
+def test_route_checks_labels_before_any_matrix_work():
+    h, w, t, b = make_inputs()
+    t[5] = w.shape[0]
+    with record_dispatch() as events, pytest.raises(ValueError, match=f"label {w.shape[0]} is out of range"):
+        _loss(h, w, t, b)
+    t[5] = -3
+    with pytest.raises(ValueError, match="label -3 is out of range"):
+        _loss(h, w, t, b, reduction="sum")
+    assert events == []
+
+
+def test_route_steps_aside_where_the_op_must_run(monkeypatch):
+    """reduction="none", every row ignored, a low-precision dtype, autocast, logits over the chunk budget, value
+    checks off and an explicit backend run the op."""
+    h, w, t, b = make_inputs()
+    assert _took_route(_loss(h, w, t, b))
+    assert _ran_the_op(_loss(h, w, t, b, reduction="none"))
+    ignored = torch.full_like(t, -100)
+    assert _ran_the_op(_loss(h, w, ignored, b)) and torch.isnan(_loss(h, w, ignored, b))
+    half = [x.detach().to(torch.bfloat16).requires_grad_() for x in (h, w, b)]
+    assert _ran_the_op(_loss(half[0], half[1], t, half[2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _ran_the_op(_loss(h, w, t, b))
+    with ptfast.use_backend("torch"):
+        assert _ran_the_op(_loss(h, w, t, b))
+    monkeypatch.setenv("PTFAST_CHECKS", "0")
+    assert _ran_the_op(_loss(h, w, t, b))
+    monkeypatch.delenv("PTFAST_CHECKS")
+    monkeypatch.setattr(torch_mlm, "CHUNK_BYTES", 4096)
+    loss, grads, g = run(_loss, h, w, t, b)
+    _, *ref = oracle.loss_and_grads(h, w, t, b, grad_out=g)
+    assert _ran_the_op(_loss(h, w, t, b))
+    for name, x, r in zip(("dhidden", "dweight", "dbias"), grads, ref, strict=True):
+        assert_close64(x, r, name)
