@@ -88,10 +88,9 @@ def _check_cnn_seed_stages(stages: dict, report: str) -> None:
         ops = {(op, kind) for op, _, kind, _ in phases[label]}
         assert ops == {("conv_relu", "forward")}, (label, phases[label])  # folded BN, no backward: frozen
     for label in ("pretrain 0-4 (parity)", "unfrozen (parity)", "pretrain 0-4", "unfrozen"):
-        # train mode: stock conv + BatchNorm math, each block tail's add + ReLU one add_relu (4 BasicBlocks)
-        ops = {(op, kind, n) for op, _, kind, n in phases[label]}
-        assert {(op, kind) for op, kind, _ in ops} == {("add_relu", "forward")}, (label, phases[label])
-        assert all(n % 4 == 0 for _, _, n in ops), (label, phases[label])
+        # train mode on a CPU: nothing to fold or pool, so the fused blocks run their stock forward (conv, BatchNorm
+        # on batch statistics, add, ReLU) and the stem its stock conv + BatchNorm + ReLU: no ptfast op at all
+        assert phases[label] == [], (label, phases[label])
     section = report.split("## 5. ResNet", 1)[1]
     assert "BatchNorm folded into the convolutions" in section and "uses_folded_bn() = True" in section
     assert "fused block: conv1+bn1+relu -> conv_relu" in section

@@ -135,12 +135,16 @@ def test_resnet_eval_and_training_match_stock(make, channels_last):
         1 for name, _ in ours.named_modules() if name.endswith("downsample.0")
     )
     stock.train(), ours.train()
-    with record_dispatch() as events:
+    with record_dispatch() as events, ptfast.use_backend("torch"):
         _assert_same_train_steps(stock, ours, x)
     # Training mode: BN on batch statistics runs stock between conv and the fused add + ReLU of each block tail.
     blocks = sum(1 for m in ours.modules() if isinstance(m, (sm.BasicBlock, sm.Bottleneck)))
     assert [e for e in events if e[0] != "add_relu"] == []
     assert events.count(("add_relu", "torch", "forward")) == 2 * blocks
+    # Under auto on a CPU that plan is stock's own composition (nothing to fold or pool): the blocks' stock forward.
+    with record_dispatch() as events:
+        _assert_same_train_steps(stock, ours, x)
+    assert events == []
 
 
 def test_resnet_training_mode_is_bitwise_stock_in_fp32():
@@ -156,7 +160,7 @@ def test_resnet_training_mode_is_bitwise_stock_in_fp32():
         x = _image(4, 37, 29, channels_last).float()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         s, o = (copy.deepcopy(m).to(memory_format=fmt).train() for m in (stock, ours))
-        with record_dispatch() as events:
+        with record_dispatch() as events, ptfast.use_backend("torch"):  # the plan (auto on a CPU: stock forward)
             out = o(x)
             out.square().sum().backward()
         ref = s(x)

@@ -8,7 +8,8 @@
    ``fc`` trained with the backbone frozen (``requires_grad=False``, backbone in ``eval()``: the patched twin folds
    each BatchNorm into its convolution and runs conv + BatchNorm (+ residual) + ReLU as one ``ptfast.conv_relu``),
    then everything unfrozen in ``train()`` (BatchNorm on batch statistics: the patched twin runs the stock conv and
-   BatchNorm math, and each block's residual add + ReLU as one ``ptfast.add_relu``).
+   BatchNorm math, and each block's residual add + ReLU as one ``ptfast.add_relu``; on a CPU, where that is stock's
+   own composition, its blocks run their stock forward).
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ def _bn_findings(stage: Stage, steps: tuple[int, int], modules: tuple[list[str],
             + (
                 f"then each block's residual add + ReLU as one ptfast.add_relu ({_fmt_ops(tails)})"
                 if tails
-                else "and their stock add + ReLU"
+                else "and their stock add + ReLU (on a CPU, with nothing to fold or pool, a fused block runs its "
+                "stock forward: ptfast's add_relu is stock's add + ReLU there, and the plan would only add Python)"
             )
             if not conv_in_train
             else f"ptfast conv ops ran: {_fmt_ops(conv_in_train)}"

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptfast._dispatch import requested_backend
 from ptfast.backends.torch.conv import conv_hw
 from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
 from ptfast.ops.add_relu import add_relu_into
@@ -223,6 +224,21 @@ def _run_chain(block: nn.Module, chain: Chain, x: Any, residual: Any, slots: lis
     return conv_relu(x, weight, bias, stride=conv.stride[0], padding=padding, residual=residual)
 
 
+def _fusion_pays_on_cpu(block: nn.Module, plan: Plan) -> bool:
+    """Whether running ``plan`` on a CPU computes less than the block's stock forward: some chain folds a
+    BatchNorm that uses running statistics into its conv, or pools. Otherwise (training-mode BatchNorms, plain
+    conv + ReLU) the plan runs stock's own composition on a CPU (auto's routes: conv then ReLU, add then ReLU, as
+    stock's ``out += identity; relu(out)``) and only adds its interpreter's Python: ~70 us per small block
+    forward, measured, several times that right after a step's convolutions. Stock's forward then runs, under
+    ``auto`` (an explicit backend runs the plan, as it runs the ops instead of auto's CPU routes)."""
+    for chain in plan.chains():
+        if chain.pool:
+            return True
+        if chain.bn is not None and uses_running_stats(_sub(block, chain.bn)):
+            return True
+    return False
+
+
 class FusedBlockMixin:
     """The forward of a block whose instance class was switched by ``ptfast.patch`` (see the module docstring)."""
 
@@ -232,7 +248,11 @@ class FusedBlockMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) != 1 or kwargs:
             return self._ptfast_base.forward(self, *args, **kwargs)
-        return run_plan(self, self._ptfast_plan, args[0])
+        x = args[0]
+        if isinstance(x, Tensor) and x.device.type == "cpu" and requested_backend() == "auto":
+            if not _fusion_pays_on_cpu(self, self._ptfast_plan):
+                return self._ptfast_base.forward(self, x)
+        return run_plan(self, self._ptfast_plan, x)
 
     def extra_repr(self) -> str:
         base = self._ptfast_base.extra_repr(self)
