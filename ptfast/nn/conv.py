@@ -245,7 +245,7 @@ class _FusedConvBN2d(_FusedConv2d):
         y = nn.BatchNorm2d.forward(bn, self._conv_forward(x, self.weight, self.bias))
         if not self._relu:
             return y
-        y = torch.relu(y)
+        y = torch.relu_(y)  # y is fresh and BatchNorm's backward does not read it (stock's ReLU(inplace=True))
         return F.max_pool2d(y, 2, 2) if self._pool else y
 
     def extra_repr(self) -> str:
