@@ -34,6 +34,11 @@ accumulators straight to fp32 gradients without the round trip through bf16 that
 makes. The log-sum-exp and the loss are fp32 and the returned loss is fp32 (like ``cross_entropy`` under
 autocast). Outside autocast the loss has the inputs' dtype, and mixed input dtypes are an error.
 
+On a CPU, ``auto`` runs eager ``mean`` / ``sum`` calls as PyTorch's own ``linear`` + ``cross_entropy`` on the
+labelled rows (``backends/torch/masked_lm_loss.py``, ``eager_loss``); for bf16 that is stock's numerics (bf16
+GEMMs, fp32 cross-entropy), within the low-precision rule and twice the op's speed on a CPU with bf16 units. An
+explicit ``use_backend("torch")`` keeps the numerics above.
+
 Labels outside ``[0, V)`` that are not ``ignore_index`` raise ``ValueError`` when value checks run (eager by
 default). When checks are off (``PTFAST_CHECKS=0``, ``torch.compile``, CUDA-graph capture) such rows are
 treated exactly like ``ignore_index``: loss 0, no gradient, not counted by ``mean``; nothing reads out of bounds.
