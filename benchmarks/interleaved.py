@@ -3,7 +3,8 @@
 ``benchmarks.run`` times each provider in its own block of repetitions, so on a shared machine whose speed drifts
 (a 2-core VM, say) two runs of the same code can differ by 20%. Here each round times ptfast and stock back to
 back (the best of ``--inner`` calls each) and keeps the ratio of that round; the median and p20-p80 of the ratios
-over ``--rounds`` rounds are reported. Forward+backward and forward-only (under ``no_grad``), fp32.
+over ``--rounds`` rounds are reported. Forward+backward and forward-only (under ``no_grad``), fp32 (the masked-LM
+rows also in bf16 and under CPU autocast to bf16).
 
     python -m benchmarks.interleaved --rounds 15 --out benchmarks/results/cpu-x86-64/interleaved.md
 """
@@ -101,6 +102,23 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
         name = f"masked_lm_loss N2048 15% E{emb} V{vocab}"
         rows[f"{name} fwd+bwd"] = (_fwd_bwd(ours, [h, w, b]), _fwd_bwd(stock, [h, w, b]))
         rows[f"{name} fwd"] = (_fwd(ours), _fwd(stock))
+        # bf16 (the benchmark suite's default dtype), as bf16 tensors and as fp32 parameters under CPU autocast.
+        # Stock computes the cross-entropy in fp32 on the upcast logits, as Hugging Face's heads do.
+        for how in ("bf16", "autocast bf16"):
+            leaves = [x if how != "bf16" else x.detach().bfloat16().requires_grad_() for x in (h, w, b)]
+
+            def ours_lp(h=leaves[0], w=leaves[1], b=leaves[2], labels=labels, how=how):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how != "bf16"):
+                    return ptfast.masked_lm_loss(h, w, labels, b)
+
+            def stock_lp(h=leaves[0], w=leaves[1], b=leaves[2], labels=labels, how=how):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how != "bf16"):
+                    rows_ = (labels != -100).nonzero().squeeze(1)
+                    logits = F.linear(h.index_select(0, rows_), w, b).float()
+                    return F.cross_entropy(logits, labels.index_select(0, rows_))
+
+            rows[f"{name} {how} fwd+bwd"] = (_fwd_bwd(ours_lp, leaves), _fwd_bwd(stock_lp, leaves))
+            rows[f"{name} {how} fwd"] = (_fwd(ours_lp), _fwd(stock_lp))
     # The method's own noise: stock against itself (two closures over the same call), so a ratio is read against
     # how far from 1.0 identical code lands in the same run.
     x = torch.randn(32, 128, 16, 16, generator=g).requires_grad_()
@@ -158,7 +176,8 @@ def main() -> None:
         "",
         f"**CPU run**: {cpu_name()} · torch {torch.__version__} · ptfast {ptfast.__version__} · "
         f"{torch.get_num_threads()} torch threads · "
-        f"date (UTC) {started} · commit `{commit}` · fp32 · {args.rounds} rounds, best of {args.inner} per round",
+        f"date (UTC) {started} · commit `{commit}` · fp32 unless a row says bf16 · "
+        f"{args.rounds} rounds, best of {args.inner} per round",
         "",
         "Command: `python -m benchmarks.interleaved "
         + f"--rounds {args.rounds} --inner {args.inner}"
@@ -168,7 +187,8 @@ def main() -> None:
         "Stock: `F.scaled_dot_product_attention` with the bool mask `(B, 1, 1, L)` (dropout: SDPA's own); "
         "`F.relu(F.conv2d(...))` (+ `F.max_pool2d(2)`). BHLD: contiguous q/k/v; BLHD: transposes of (B, L, H, D). "
         "NCHW: contiguous x and weight (the issue's rows); NHWC: channels_last (the benchmark suite's conv cases). "
-        "masked_lm_loss: labelled rows gathered, then `F.cross_entropy(F.linear(...))` (mean).",
+        "masked_lm_loss: labelled rows gathered, then `F.cross_entropy(F.linear(...))` (mean; bf16 rows: the "
+        "cross-entropy on `.float()` logits).",
         "",
         "| row | median ratio | p20–p80 |",
         "|---|---:|---:|",
