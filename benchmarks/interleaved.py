@@ -12,6 +12,7 @@ rows also in bf16 and under CPU autocast to bf16).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -119,6 +120,7 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
 
             rows[f"{name} {how} fwd+bwd"] = (_fwd_bwd(ours_lp, leaves), _fwd_bwd(stock_lp, leaves))
             rows[f"{name} {how} fwd"] = (_fwd(ours_lp), _fwd(stock_lp))
+    rows.update(_step_rows(g))
     # The method's own noise: stock against itself (two closures over the same call), so a ratio is read against
     # how far from 1.0 identical code lands in the same run.
     x = torch.randn(32, 128, 16, 16, generator=g).requires_grad_()
@@ -134,6 +136,47 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     name = "control: stock vs stock, conv_relu N32 128->128 @16 NCHW"
     rows[f"{name} fwd+bwd"] = (_fwd_bwd(stock_a, [x, w, b]), _fwd_bwd(stock_b, [x, w, b]))
     rows[f"{name} fwd"] = (_fwd(stock_a), _fwd(stock_b))
+    return rows
+
+
+def _step_rows(g: torch.Generator) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
+    """Whole training steps of the benchmark suite's CPU cases (``vgg16_train_step``, ``resnet18_train_step``,
+    ``resnet50_frozen_step``): stock model against ``ptfast.patch`` of a deep copy, each with its own optimizer,
+    channels-last model and images, fp32."""
+    from benchmarks.ops import resnet_step, vgg_step
+
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return run
+
+    cases = [
+        ("vgg16/4 full @64 b8", vgg_step, dict(N=8, H=64, W=64, width_divisor=4, classes=100, frozen_backbone=False)),
+        ("vgg16/4 frozen-backbone @64 b8", vgg_step, dict(N=8, H=64, W=64, width_divisor=4, classes=100,
+                                                          frozen_backbone=True)),
+        ("resnet18 @96 b8", resnet_step, dict(arch="resnet18", N=8, H=96, W=96, width_divisor=1, classes=10,
+                                              frozen_backbone=False)),
+        ("resnet50 frozen-backbone @96 b8", resnet_step, dict(arch="resnet50", N=8, H=96, W=96, width_divisor=1,
+                                                              classes=100, frozen_backbone=True)),
+    ]  # fmt: skip
+    rows = {}
+    for name, module, p in cases:
+        stock = module._new_model(p, torch.device("cpu"))
+        ours = ptfast.patch(copy.deepcopy(stock))
+        x = torch.randn(p["N"], 3, p["H"], p["W"], generator=g).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, p["classes"], (p["N"],), generator=g)
+        steps = []
+        for model in (ours, stock):
+            params = [q for q in model.parameters() if q.requires_grad]
+            if module is vgg_step:
+                opt = torch.optim.AdamW(params, lr=1e-4)
+            else:
+                opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+            steps.append(step(model, opt, x, y))
+        rows[f"train step {name}"] = (steps[0], steps[1])
     return rows
 
 
@@ -188,7 +231,8 @@ def main() -> None:
         "`F.relu(F.conv2d(...))` (+ `F.max_pool2d(2)`). BHLD: contiguous q/k/v; BLHD: transposes of (B, L, H, D). "
         "NCHW: contiguous x and weight (the issue's rows); NHWC: channels_last (the benchmark suite's conv cases). "
         "masked_lm_loss: labelled rows gathered, then `F.cross_entropy(F.linear(...))` (mean; bf16 rows: the "
-        "cross-entropy on `.float()` logits).",
+        "cross-entropy on `.float()` logits). Train steps: the benchmark suite's CPU cases (forward, backward, "
+        "optimizer step), stock model against `ptfast.patch` of a copy.",
         "",
         "| row | median ratio | p20–p80 |",
         "|---|---:|---:|",

@@ -66,8 +66,12 @@ def test_module_refuses_unsupported_conv():
     assert same.fused_padding == 1
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_patched_vgg_matches_stock(channels_last):
+def test_patched_vgg_matches_stock(channels_last, backend):
+    """The ops run under an explicit backend. Under auto on a CPU the fused modules run the replaced modules' own
+    math where the op's CPU route would compute just that (see ptfast.nn.conv._stock_math_on_cpu): every
+    ConvReLU2d, and ConvReLUPool2d on channels-last input; an NCHW pool keeps the op (its channels-last pooling)."""
     stock = tiny_vgg()
     model = copy.deepcopy(stock)
     keys_before = list(model.state_dict())
@@ -83,11 +87,17 @@ def test_patched_vgg_matches_stock(channels_last):
     x = torch.randn(2, 3, 19, 17)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    with record_dispatch() as events:
+    with record_dispatch() as events, ptfast.use_backend(backend):
         out = model(x)
         out.sum().backward()
-    assert_ran(events, "conv_relu_pool", "torch", ("forward", "backward"))
-    assert_ran(events, "conv_relu", "torch", ("forward", "backward"))
+    if backend == "torch":
+        assert_ran(events, "conv_relu_pool", "torch", ("forward", "backward"))
+        assert_ran(events, "conv_relu", "torch", ("forward", "backward"))
+    elif channels_last:
+        assert events == []
+    else:
+        assert {e[0] for e in events} == {"conv_relu_pool"}
+        assert_ran(events, "conv_relu_pool", "torch", ("forward", "backward"))
     ref = stock(x)
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -126,3 +136,35 @@ def test_hooks_and_opt_out_are_respected():
     # never the plain conv+ReLU ones, which would drop the BatchNorm.
     bn = ptfast.patch(tiny_vgg(batch_norm=True))
     assert not any(type(m) in (ptfast.nn.ConvReLU2d, ptfast.nn.ConvReLUPool2d) for m in bn.modules())
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_modules_run_stock_math_on_cpu_under_auto(pool, channels_last):
+    """Where auto's CPU route of the op would compute the replaced modules' own math, the module runs that math
+    itself (no op, no ptfast Python): the same bits as stock, forward and every gradient. NCHW pooling, an empty
+    batch and an explicit backend run the op."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    stock = nn.Sequential(conv, nn.ReLU(inplace=True), *([nn.MaxPool2d(2, 2)] if pool else []))
+    cls = ptfast.nn.ConvReLUPool2d if pool else ptfast.nn.ConvReLU2d
+    fused = cls.from_conv(copy.deepcopy(conv))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 5, 13, 11).contiguous(memory_format=fmt).requires_grad_()
+    takes_op = pool and not channels_last
+    with record_dispatch() as events:
+        out = fused(x)
+        grads = torch.autograd.grad(out.square().sum(), (x, fused.weight, fused.bias))
+    ref = stock(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
+    assert {e[0] for e in events} == ({"conv_relu_pool"} if takes_op else set())
+    if not takes_op:  # the same ops in the same order: bitwise
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
+    with record_dispatch() as events, ptfast.use_backend("torch"):
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-6)
+    assert {e[0] for e in events} == {"conv_relu_pool" if pool else "conv_relu"}
+    with record_dispatch() as events:
+        assert fused(x[:0]).shape == (0, 7, *ref.shape[2:])
+    assert {e[0] for e in events} == {"conv_relu_pool" if pool else "conv_relu"}
