@@ -168,3 +168,14 @@ def test_fused_modules_run_stock_math_on_cpu_under_auto(pool, channels_last):
     with record_dispatch() as events:
         assert fused(x[:0]).shape == (0, 7, *ref.shape[2:])
     assert {e[0] for e in events} == {"conv_relu_pool" if pool else "conv_relu"}
+
+
+def test_one_channel_input_pools_through_the_op():
+    """A one-channel NCHW image is channels-last contiguous too, but PyTorch's convolution keeps it (and its output)
+    NCHW, whose max-pool is the slow one on a CPU: the op runs (its route pools in channels-last)."""
+    fused = ptfast.nn.ConvReLUPool2d(1, 6, 3, padding=1)
+    x = torch.randn(4, 1, 15, 13)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with record_dispatch() as events:
+        fused(x).sum().backward()
+    assert_ran(events, "conv_relu_pool", "torch", ("forward", "backward"))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptfast._dispatch import autograd_route_applies
+from ptfast.backends.torch.conv import memory_format
 from ptfast.ops.conv import conv_relu, conv_relu_pool
 
 _T = TypeVar("_T", bound="_FusedConv2d")
@@ -107,14 +108,16 @@ def _stock_math_on_cpu(module: _FusedConv2d, x: object) -> bool:
     than the op: on a CPU under ``auto``, eagerly on plain tensors, where auto's CPU route of the op would compute
     just that and only add the op's Python (~25 us per call warm, several times that right after a step's
     kernels). Measured on a channels-last VGG-16/4 train step at 64x64 (interleaved): 0.976x of stock through the
-    op, 1.009x this way (one module call where stock makes two or three). Pooling an NCHW input keeps the op: its
-    route pools in channels-last, where PyTorch's NCHW max-pool is a scalar loop. An empty batch keeps the op
-    (PyTorch's pooling backward refuses one). The op's contract at a NaN conv output (zero gradient) is then
-    stock's (ReLU passes the gradient on), as in the model before ``ptfast.patch``. Explicit backends, compiled
-    code, dispatch modes and functorch transforms run the op."""
+    op, 0.99-1.01x this way (three runs; one module call where stock makes two or three). Pooling an NCHW input
+    keeps the op (a one-channel image too, which PyTorch convolves in NCHW): its route pools in channels-last,
+    where PyTorch's NCHW max-pool is a scalar loop (a hand-written VGG step on 1x32x32 digits measured 1.0x with
+    the first layer here against 1.2x through the op). An empty batch keeps the op (PyTorch's pooling backward
+    refuses one). The op's contract at a NaN conv output (zero gradient) is then stock's (ReLU passes the gradient
+    on), as in the model before ``ptfast.patch``. Explicit backends, compiled code, dispatch modes and functorch
+    transforms run the op."""
     if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
         return False
-    if module._pool and not x.is_contiguous(memory_format=torch.channels_last):
+    if module._pool and memory_format(x) != torch.channels_last:  # one channel is NCHW here too, as for conv2d
         return False
     return autograd_route_applies("torch", x.device, (x, module.weight, module.bias))
 
