@@ -71,7 +71,7 @@ def valid_rows(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
 
 
 def rows_per_chunk(vocab: int, dtype: torch.dtype) -> int:
-    return max(1, CHUNK_BYTES // (max(vocab, 1) * torch.empty((), dtype=dtype).element_size()))
+    return max(1, CHUNK_BYTES // (max(vocab, 1) * dtype.itemsize))
 
 
 def can_compact(t: Tensor) -> bool:
@@ -399,7 +399,7 @@ def eager_loss(
         return None
     acc = acc_dtype(hidden.dtype)
     n_rows = rows.numel()
-    if n_rows == 0 or n_rows * weight.shape[0] * torch.empty((), dtype=acc).element_size() > CHUNK_BYTES:
+    if n_rows == 0 or n_rows * weight.shape[0] * acc.itemsize > CHUNK_BYTES:
         return None
     logits = F.linear(hidden.index_select(0, rows), weight, bias)  # under autocast: bf16, like stock's
     if logits.dtype != acc:
