@@ -63,7 +63,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--full", action="store_true", help="long shape lists and every provider variant")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="default bf16 on CUDA, fp32 on CPU (a CPU's bf16 matmul units and kernels differ from model to model; "
+        "CPU training runs fp32)",
+    )
     ap.add_argument(
         "--out",
         default=None,
@@ -541,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(dynamo_config, knob, max(256, getattr(dynamo_config, knob)))
     opts = Options(
         device=device,
-        dtype=DTYPES[args.dtype],
+        dtype=DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")],
         quick=args.quick,
         full=args.full,
         compile=args.compile,
