@@ -121,6 +121,7 @@ def _rows() -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
             rows[f"{name} {how} fwd+bwd"] = (_fwd_bwd(ours_lp, leaves), _fwd_bwd(stock_lp, leaves))
             rows[f"{name} {how} fwd"] = (_fwd(ours_lp), _fwd(stock_lp))
     rows.update(_step_rows(g))
+    rows.update(_bert_rows(g))
     # The method's own noise: stock against itself (two closures over the same call), so a ratio is read against
     # how far from 1.0 identical code lands in the same run.
     x = torch.randn(32, 128, 16, 16, generator=g).requires_grad_()
@@ -180,6 +181,48 @@ def _step_rows(g: torch.Generator) -> dict[str, tuple[Callable[[], None], Callab
     return rows
 
 
+def _bert_rows(g: torch.Generator) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
+    """Whole BERT training steps at the benchmark suite's CPU case (``bert_mlm_step``: 4 layers, hidden 256, batch
+    16 x 128, lengths uniform in [32, 128], dropout 0.1): masked-LM pretraining, and fine-tuning a sequence
+    classifier of the same shape (4 classes). Stock Hugging Face (sdpa) against ``ptfast.patch`` of a deep copy,
+    with and without ``unpad``; each model has its own AdamW (the suite's settings), fp32."""
+    from transformers import BertForSequenceClassification
+
+    from benchmarks.ops import bert_step
+
+    cpu = torch.device("cpu")
+    p = dict(B=16, L=128, **bert_step.BERT_SMALL, dropout_p=bert_step.DROPOUT, lengths_seed=5)
+    mlm = bert_step._new_model(p, cpu)
+    config = copy.deepcopy(mlm.config)
+    config.num_labels = 4
+    torch.manual_seed(2000)
+    classifier = BertForSequenceClassification(config).train()
+    mlm_batch = bert_step._batch(p, cpu, g)
+    cls_batch = {
+        "input_ids": mlm_batch["input_ids"],
+        "attention_mask": mlm_batch["attention_mask"],
+        "labels": torch.randint(0, config.num_labels, (p["B"],), generator=g),
+    }
+
+    def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            opt.step()
+
+        return run
+
+    rows = {}
+    for task, model, batch in (("masked-LM", mlm, mlm_batch), ("classification", classifier, cls_batch)):
+        stock = step(model, batch)  # one stock model per task, the baseline of both patched rows
+        for unpad in (False, True):
+            ours = step(ptfast.patch(copy.deepcopy(model), unpad=unpad), batch)
+            rows[f"train step bert-small {task} b16 L128, patch(unpad={unpad})"] = (ours, stock)
+    return rows
+
+
 def measure(rounds: int, inner: int, only: str | None = None) -> list[tuple[str, float, float, float]]:
     rows = {name: steps for name, steps in _rows().items() if only is None or only in name}
     for ours, stock in rows.values():  # warm-up
@@ -232,7 +275,8 @@ def main() -> None:
         "NCHW: contiguous x and weight (the issue's rows); NHWC: channels_last (the benchmark suite's conv cases). "
         "masked_lm_loss: labelled rows gathered, then `F.cross_entropy(F.linear(...))` (mean; bf16 rows: the "
         "cross-entropy on `.float()` logits). Train steps: the benchmark suite's CPU cases (forward, backward, "
-        "optimizer step), stock model against `ptfast.patch` of a copy.",
+        "optimizer step), stock model against `ptfast.patch` of a copy; the BERT steps: Hugging Face's sdpa models "
+        "(masked-LM pretraining, sequence classification), dropout 0.1, lengths uniform in [32, 128].",
         "",
         "| row | median ratio | p20–p80 |",
         "|---|---:|---:|",
