@@ -1,10 +1,10 @@
-"""Auto's CPU route of ``ptfast.masked_lm_loss`` (``backends/torch/masked_lm_loss.py``, ``eager_loss``).
+"""Auto's CPU route of ``ptfast.masked_lm_loss`` (``backends/torch/masked_lm_loss_eager.py``).
 
 Under ``auto``, an eager CPU call with ``reduction="mean"/"sum"`` runs the labelled rows through PyTorch's own
-``linear`` and ``cross_entropy`` (autograd's C++ backward, no ptfast Function). It must meet the float64 oracle
-like the op, forward and every gradient, with and without a graph (bf16, plain or under autocast: the
-low-precision rule, with the op's output dtypes); check the labels as the op does; and step aside (the op runs)
-wherever the op's contract or memory bound would differ.
+``linear`` and an in-place log-softmax, with ``LabelledRowsLoss``'s backward (not the op's). It must meet the
+float64 oracle like the op, forward and every gradient (of every order), with and without a graph (bf16, plain
+or under autocast: the low-precision rule, with the op's output dtypes); check the labels as the op does; and
+step aside (the op runs) wherever the op's contract or memory bound would differ.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _loss(h, w, t, b, **kw):
 
 
 def _took_route(loss: torch.Tensor) -> bool:
-    return loss.grad_fn is not None and "NllLossBackward0" in autograd_node_names(loss.grad_fn)
+    return loss.grad_fn is not None and "LabelledRowsLossBackward" in autograd_node_names(loss.grad_fn)
 
 
 def _ran_the_op(loss: torch.Tensor) -> bool:
@@ -63,6 +63,55 @@ def test_route_without_a_graph_matches_oracle(reduction, eps):
     with torch.no_grad():
         assert_close64(_loss(h, w, t, b, reduction=reduction, label_smoothing=eps), want, "loss")
     assert_close64(_loss(h, w, t, b, reduction=reduction, label_smoothing=eps), want, "loss")  # frozen inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("eps", [0.0, 0.11])
+def test_route_second_backward_through_a_retained_graph(eps, dtype):
+    """The first backward turns the kept log-probabilities into dloss/dlogits in place; a second backward through
+    the retained graph recomputes them, so both give the same gradients (the oracle's, by the rule for bf16)."""
+    h, w, t, b = (x if x.dtype == torch.int64 else x.detach().to(dtype).requires_grad_() for x in make_inputs())
+    loss = _loss(h, w, t, b, reduction="sum", label_smoothing=eps)
+    assert _took_route(loss)
+    g = torch.tensor(0.7, dtype=loss.dtype)
+    first = torch.autograd.grad(loss, (h, w, b), g, retain_graph=True)
+    second = torch.autograd.grad(loss, (h, w, b), g)
+    for a, c in zip(first, second, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    if dtype == torch.float32:
+        _, *want = oracle.loss_and_grads(h, w, t, b, grad_out=g, reduction="sum", label_smoothing=eps)
+        for name, x, r in zip(("dhidden", "dweight", "dbias"), second, want, strict=True):
+            assert_close64(x, r, name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_route_double_backward_matches_oracle(reduction):
+    """Under create_graph=True the route's backward is differentiable: a gradient penalty on dhidden gets the
+    oracle's second derivatives (never a softmax taken as a constant)."""
+    h, w, t, b = make_inputs(emb=24, vocab=131)
+
+    def penalty(h, w, b, loss_fn):
+        loss = loss_fn(h, w, t, b, reduction=reduction, label_smoothing=0.07)
+        (dh,) = torch.autograd.grad(loss, h, create_graph=True)
+        return loss, torch.autograd.grad(loss + (dh * dh).sum(), (h, w, b))
+
+    loss, grads = penalty(h, w, b, _loss)
+    assert _took_route(loss)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    _, want = penalty(h64, w64, b64, lambda h, w, t, b, **kw: oracle.masked_lm_loss(h, w, t, b, **kw))
+    for name, x, r in zip(("dhidden", "dweight", "dbias"), grads, want, strict=True):
+        assert_close64(x, r, name)
+
+
+def test_route_only_the_needed_gradients():
+    """A frozen encoder (hidden without grad) and a frozen bias: only dweight is formed, and it is the oracle's."""
+    h, w, t, b = make_inputs(emb=36, vocab=193)
+    h, b = h.detach(), b.detach()
+    loss = _loss(h, w, t, b, label_smoothing=0.05)
+    assert _took_route(loss)
+    (dw,) = torch.autograd.grad(loss, w, torch.tensor(1.3))
+    _, _, want, _ = oracle.loss_and_grads(h, w, t, b, grad_out=torch.tensor(1.3), label_smoothing=0.05)
+    assert_close64(dw, want, "dweight")
 
 
 def test_route_checks_labels_before_any_matrix_work():

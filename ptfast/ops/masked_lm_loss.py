@@ -34,10 +34,11 @@ accumulators straight to fp32 gradients without the round trip through bf16 that
 makes. The log-sum-exp and the loss are fp32 and the returned loss is fp32 (like ``cross_entropy`` under
 autocast). Outside autocast the loss has the inputs' dtype, and mixed input dtypes are an error.
 
-On a CPU, ``auto`` runs eager ``mean`` / ``sum`` calls as PyTorch's own ``linear`` + ``cross_entropy`` on the
-labelled rows (``backends/torch/masked_lm_loss.py``, ``eager_loss``); for bf16 that is stock's numerics (bf16
-GEMMs, fp32 cross-entropy), within the low-precision rule and twice the op's speed on a CPU with bf16 units. An
-explicit ``use_backend("torch")`` keeps the numerics above.
+On a CPU, ``auto`` runs eager ``mean`` / ``sum`` calls on the labelled rows only, with one logits buffer
+(``backends/torch/masked_lm_loss_eager.py``: PyTorch's ``linear`` and an in-place log-softmax, a backward that
+reuses that buffer); for bf16 that is stock's numerics (bf16 GEMMs, fp32 cross-entropy), within the low-precision
+rule and twice the op's speed on a CPU with bf16 units. An explicit ``use_backend("torch")`` keeps the numerics
+above.
 
 Labels outside ``[0, V)`` that are not ``ignore_index`` raise ``ValueError`` when value checks run (eager by
 default). When checks are off (``PTFAST_CHECKS=0``, ``torch.compile``, CUDA-graph capture) such rows are
@@ -53,6 +54,7 @@ from ptfast import _dispatch, _eager, _validation, verification
 from ptfast._eager import RegisteredOp
 from ptfast.backends import Unimplemented
 from ptfast.backends.torch import masked_lm_loss as torch_mlm
+from ptfast.backends.torch import masked_lm_loss_eager
 from ptfast.backends.triton import masked_lm_loss as triton_mlm
 
 _OP = "masked_lm_loss"
@@ -418,8 +420,8 @@ def masked_lm_loss(
     if labelled is not None and _dispatch.autograd_route_applies(
         backend, hidden.device, (hidden, weight, labels, bias)
     ):
-        # auto's CPU route around the op's own Python: PyTorch's own differentiable ops (see eager_loss).
-        loss = torch_mlm.eager_loss(flat_hidden, weight, *labelled, bias, reduction, float(label_smoothing))
+        # auto's CPU route around the op's own Python (see masked_lm_loss_eager).
+        loss = masked_lm_loss_eager.eager_loss(flat_hidden, weight, *labelled, bias, reduction, float(label_smoothing))
         if loss is not None:
             _dispatch.record_autograd_route(_OP, loss)
             return loss

@@ -363,62 +363,6 @@ def _forward_chunks(
             grads.add_chunk(box, h_c, sel, gemm)
 
 
-def eager_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    rows: Tensor,
-    targets: Tensor,
-    bias: Tensor | None,
-    reduction: str,
-    label_smoothing: float,
-) -> Tensor | None:
-    """Auto's CPU route for ``reduction="mean"/"sum"``: the labelled rows through ``F.linear`` and
-    ``F.cross_entropy``, recorded by PyTorch's autograd, or None where the op must run.
-
-    hidden ``(N, E)``; ``rows`` the indices of the labelled rows and ``targets`` their labels, already checked to
-    be in ``[0, V)`` (the caller takes this route only when value checks ran). The op's own forward forms the
-    gradients with three GEMMs, as stock does; what it adds on a CPU is its Python (~150 us per call forward, ~100
-    us backward at small sizes) and a fresh V x E buffer for the scaled dweight, which made it 0.85-0.94x of stock
-    fwd+bwd at BERT-base's vocabulary and 0.89-0.92x forward-only at the benchmark's (measured). Here autograd's
-    C++ runs the backward; without a graph the log-softmax runs in place over the logits (one chunk-sized buffer
-    where ``cross_entropy`` makes two). Taken only where the logits autograd keeps (in fp32, or fp64) fit the op's
-    chunk budget (the op's peak is one chunk of them), and with at least one labelled row (the op's all-ignored
-    mean is NaN with zero gradients).
-
-    bf16 (plain, or CPU autocast to bf16): the GEMM runs in bf16 as ``linear`` does and the cross-entropy in fp32
-    on its upcast logits, which is stock's own numerics (within the low-precision rule by construction) at
-    stock's speed. The op emulates a GPU's bf16 GEMM with fp32 output by fp32 GEMMs instead (logits never
-    rounded to bf16, fp32 dweight without a bf16 round trip under autocast): 2x slower fwd+bwd on a CPU with
-    bf16 units (measured, AMD EPYC with avx512_bf16: ptfast 32 ms against stock 15 ms); an explicit
-    ``use_backend("torch")`` still runs it. fp16 keeps the op (fp16 logits could overflow where the op's cannot).
-    """
-    if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return None
-    autocast = torch.is_autocast_enabled("cpu")
-    if autocast and hidden.dtype != torch.bfloat16:  # the wrapper cast hidden to the autocast dtype: fp16 here
-        return None
-    acc = acc_dtype(hidden.dtype)
-    n_rows = rows.numel()
-    if n_rows == 0 or n_rows * weight.shape[0] * acc.itemsize > CHUNK_BYTES:
-        return None
-    logits = F.linear(hidden.index_select(0, rows), weight, bias)  # under autocast: bf16, like stock's
-    if logits.dtype != acc:
-        logits = logits.to(acc)
-    if torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        loss = F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=label_smoothing)
-    else:
-        logp = torch._log_softmax(logits, 1, False, out=logits)
-        loss = F.nll_loss(logp, targets, reduction=reduction)
-        if label_smoothing > 0:  # cross_entropy's: (1 - eps) * nll + eps * mean over classes of -log p
-            smooth = logp.sum(1)
-            smooth = (smooth.mean() if reduction == "mean" else smooth.sum()) / -logp.shape[1]
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
-    # The op's output dtype: the inputs' outside autocast, fp32 under it.
-    return loss if autocast else loss.to(hidden.dtype)
-
-
 def backward(
     grad: Tensor,
     hidden: Tensor,
