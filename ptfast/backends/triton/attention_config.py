@@ -124,7 +124,7 @@ def _forced_blocks(kind: str, base: Blocks) -> Blocks:
 def blocks_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> KernelBlocks:
     """The launch configuration for inputs on ``device`` of ``dtype`` with this head dim (no host sync)."""
     if device.type == "cuda":
-        key = (torch.empty((), dtype=dtype).element_size(), head_dim_bucket(head_dim))
+        key = (dtype.itemsize, head_dim_bucket(head_dim))
         base = TABLES[device_class(device)][(min(key[0], 4), key[1])]
     else:
         base = INTERPRETER_BLOCKS

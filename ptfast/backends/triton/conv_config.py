@@ -116,7 +116,7 @@ def wgrad_block_m(device: torch.device, dtype: torch.dtype) -> int:
     """Rows reduced per step of the weight-gradient kernel (its GEMM's K)."""
     if device.type != "cuda":
         return INTERPRETER_BLOCKS.block_m
-    return WGRAD_BLOCK_M[min(torch.empty((), dtype=dtype).element_size(), 4)]
+    return WGRAD_BLOCK_M[min(dtype.itemsize, 4)]
 
 
 def cout_bucket(cout: int) -> int:
@@ -129,7 +129,7 @@ def blocks_for(device: torch.device, dtype: torch.dtype, cout: int) -> ConvBlock
         return _forced_blocks[0]
     if device.type != "cuda":
         return INTERPRETER_BLOCKS
-    elem = min(torch.empty((), dtype=dtype).element_size(), 4)
+    elem = min(dtype.itemsize, 4)
     return TABLES[device_class(device)][(elem, cout_bucket(cout))]
 
 
@@ -151,7 +151,7 @@ def algos_for(
     activations (:data:`NCHW_ALGOS` for NCHW ones), else the default."""
     base = DEFAULT_ALGOS if channels_last else NCHW_ALGOS
     if device.type == "cuda" and channels_last:
-        elem = torch.empty((), dtype=dtype).element_size()
+        elem = dtype.itemsize
         base = LAYER_ALGOS[device_class(device)].get((elem, cin, cout, conv_h), DEFAULT_ALGOS)
     chosen = {}
     for kind, choices in _CHOICES.items():
