@@ -114,6 +114,62 @@ def test_route_only_the_needed_gradients():
     assert_close64(dw, want, "dweight")
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.09])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
+def test_bf16_route_in_chunks_beyond_the_budget(autocast, reduction, eps, monkeypatch):
+    """bf16 logits over the chunk budget: the rows go in chunks with their gradients formed in the forward
+    (LabelledRowsLossChunked), every gradient within the low-precision rule against PyTorch's own op; a retained
+    graph gives the same gradients twice; without a graph the loss alone."""
+    monkeypatch.setattr(torch_mlm, "CHUNK_BYTES", 331 * 4 * 5)  # 5 rows per chunk: 11 chunks, a ragged last one
+    h, w, t, b = make_inputs(lead=(5, 23), emb=48, vocab=331)
+    assert (t != -100).sum() > 50
+    if not autocast:
+        h, w, b = (x.detach().to(torch.bfloat16).requires_grad_() for x in (h, w, b))
+    kw = dict(reduction=reduction, label_smoothing=eps)
+    g = torch.tensor(1.3)
+    with record_dispatch() as events, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = _loss(h, w, t, b, **kw)
+        assert "LabelledRowsLossChunkedBackward" in autograd_node_names(loss.grad_fn)
+        ours, grads, _ = run(_loss, h, w, t, b, grad_out=g, **kw)
+        ref, ref_grads, _ = run(torch_fn, h, w, t, b, grad_out=g, **kw)
+        again = torch.autograd.grad(loss, (h, w, b), g, retain_graph=True)
+        for a, c in zip(again, torch.autograd.grad(loss, (h, w, b), g), strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+        with torch.no_grad():
+            frozen = _loss(h, w, t, b, **kw)
+    assert_ran(events, "masked_lm_loss", "torch", ("forward", "backward"))
+    assert ours.dtype == frozen.dtype == (torch.float32 if autocast else torch.bfloat16)
+    oracle_loss, *oracle_grads = oracle.loss_and_grads(h, w, t, b, grad_out=g, **kw)
+    for name, x, r, o, p in zip(
+        ("dhidden", "dweight", "dbias"), grads, ref_grads, oracle_grads, (h, w, b), strict=True
+    ):
+        assert x.dtype == p.dtype
+        assert_rule(x, r, o, name)
+    assert rel_err(ours, oracle_loss) < 4e-3 and rel_err(frozen, oracle_loss) < 4e-3
+
+
+def test_bf16_route_in_chunks_double_backward(monkeypatch):
+    """create_graph=True through the chunked route differentiates stock's composition: the penalty's gradients
+    are within the rule of PyTorch's own op doing the same."""
+    monkeypatch.setattr(torch_mlm, "CHUNK_BYTES", 131 * 4 * 7)
+    h, w, t, b = (x.detach().to(torch.bfloat16).requires_grad_() if x.is_floating_point() else x
+                  for x in make_inputs(emb=24, vocab=131))  # fmt: skip
+
+    def penalty(h, w, b, loss_fn):
+        loss = loss_fn(h, w, t, b)
+        (dh,) = torch.autograd.grad(loss, h, create_graph=True)
+        return loss, torch.autograd.grad(loss + (dh.float() ** 2).sum(), (h, w, b))
+
+    loss, grads = penalty(h, w, b, _loss)
+    assert "LabelledRowsLossChunkedBackward" in autograd_node_names(loss.grad_fn)
+    _, ref = penalty(h, w, b, torch_fn)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    _, want = penalty(h64, w64, b64, lambda h, w, t, b: oracle.masked_lm_loss(h, w, t, b))
+    for name, x, r, o in zip(("dhidden", "dweight", "dbias"), grads, ref, want, strict=True):
+        assert_rule(x, r, o, name)
+
+
 def test_route_checks_labels_before_any_matrix_work():
     h, w, t, b = make_inputs()
     t[5] = w.shape[0]

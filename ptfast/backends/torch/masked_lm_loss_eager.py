@@ -12,6 +12,10 @@ BERT-base's head (E768, V30522, 4096 tokens, 15% labelled) fwd+bwd went from sto
 from 360 ms to 300 ms in bf16 (measured on the 2-core CPU VM, consecutive steps; ``benchmarks.interleaved`` has
 the ratios). At the small heads of that benchmark (2048 tokens, E128-256) it is at parity.
 
+bf16 heads whose logits exceed the op's chunk budget go in chunks instead (:class:`LabelledRowsLossChunked`): at
+BERT-base's head on 16384 tokens the op, which emulates a GPU's bf16 GEMM with fp32 GEMMs, took 2375 ms fwd+bwd
+against stock's 1418 ms (measured).
+
 The backward consumes the kept log-probabilities: a second backward through a retained graph recomputes them
 from the saved GEMM inputs (same GEMM, same bits). Under ``create_graph=True`` backward differentiates stock's
 own composition instead, so gradients of the gradients exist (a gradient penalty, say) and are stock's.
@@ -46,6 +50,17 @@ def _loss(logp: Tensor, targets: Tensor, reduction: str, label_smoothing: float)
         smooth = (smooth.mean() if reduction == "mean" else smooth.sum()) / -logp.shape[1]
         loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
     return loss
+
+
+def _dlogits_(logp: Tensor, targets: Tensor, eps: float, scale: Tensor | float) -> Tensor:
+    """dloss/dlogits = (softmax - (1 - eps) * onehot - eps / V) * scale, formed in place over ``logp``."""
+    dlogits = logp.exp_()
+    rows, vocab = dlogits.shape
+    if eps > 0:
+        dlogits.sub_(eps / vocab)
+    hit = torch.full((), eps - 1.0, dtype=dlogits.dtype).expand(rows, 1)
+    dlogits.scatter_add_(1, targets.unsqueeze(1), hit)
+    return dlogits.mul_(scale)
 
 
 def _without_autocast() -> contextlib.AbstractContextManager:
@@ -102,19 +117,82 @@ class LabelledRowsLoss(torch.autograd.Function):
         with _without_autocast():
             if logp is None:  # a second backward through a retained graph: the first consumed the buffer
                 logp = _log_probs(selected, weight, bias)
-            # dloss/dlogits = (softmax - (1 - eps) * onehot - eps / V) * grad (/ M for the mean), in place.
-            dlogits = logp.exp_()
-            rows, vocab = dlogits.shape
-            if ctx.eps > 0:
-                dlogits.sub_(ctx.eps / vocab)
-            hit = torch.full((), ctx.eps - 1.0, dtype=dlogits.dtype).expand(rows, 1)
-            dlogits.scatter_add_(1, targets.unsqueeze(1), hit)
-            dlogits.mul_(grad / rows if ctx.reduction == "mean" else grad)
-            g = dlogits.to(selected.dtype)  # bf16: the GEMMs' dtype, as stock's linear backward gets it
+            rows = logp.shape[0]
+            g = _dlogits_(logp, targets, ctx.eps, grad / rows if ctx.reduction == "mean" else grad)
+            g = g.to(selected.dtype)  # bf16: the GEMMs' dtype, as stock's linear backward gets it
             d_selected = g.mm(weight) if need_selected else None
             d_weight = g.t().mm(selected) if need_weight else None
             d_bias = g.sum(0) if need_bias and bias is not None else None
         return d_selected, d_weight, d_bias, None, None, None
+
+
+class LabelledRowsLossChunked(torch.autograd.Function):
+    """:class:`LabelledRowsLoss` for bf16 heads whose labelled logits exceed the chunk budget: the rows go in
+    chunks of ``chunk`` and each chunk's gradients are formed in the forward (the incoming gradient of a mean or
+    sum is one scalar, so backward only scales them), so one chunk of logits is alive at a time, like the op.
+
+    What differs from the op is the GEMM dtype: bf16 GEMMs with the logits rounded to bf16 (stock's numerics) where
+    the op emulates a GPU's bf16 GEMM with fp32 output by fp32 GEMMs, 2.5x slower on a CPU with bf16 units. dweight
+    and dbias are summed over chunks in fp32 and rounded once. Same arguments as :class:`LabelledRowsLoss`, plus
+    ``chunk`` (rows per chunk).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        selected: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        reduction: str,
+        eps: float,
+        chunk: int,
+    ) -> Tensor:
+        rows = selected.shape[0]
+        need_selected, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
+        scale = 1.0 / rows if reduction == "mean" else 1.0
+        total = torch.zeros((), dtype=torch.float32)
+        d_selected = torch.empty_like(selected) if need_selected else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
+        d_bias = torch.zeros(bias.shape, dtype=torch.float32) if need_bias else None
+        # One set of chunk buffers, reused: a fresh buffer this size is mmapped and page-faulted on every
+        # allocation (glibc maps anything over 32 MiB), which cost more than the chunking itself (measured).
+        logits = torch.empty((min(chunk, rows), weight.shape[0]), dtype=selected.dtype)
+        logp_buf = torch.empty(logits.shape, dtype=torch.float32)
+        d_weight_part = torch.empty_like(weight) if need_weight else None
+        with _without_autocast():
+            for start in range(0, rows, chunk):
+                part, t = selected[start : start + chunk], targets[start : start + chunk]
+                z = logits[: part.shape[0]]
+                if bias is None:  # linear's own calls, so the same bits
+                    torch.mm(part, weight.t(), out=z)
+                else:
+                    torch.addmm(bias, part, weight.t(), out=z)
+                logp = torch._log_softmax(logp_buf[: part.shape[0]].copy_(z), 1, False, out=logp_buf[: part.shape[0]])
+                total += _loss(logp, t, "sum", eps)
+                if not (need_selected or need_weight or need_bias):
+                    continue
+                g = z.copy_(_dlogits_(logp, t, eps, scale))  # in the GEMMs' dtype, as stock's backward gets it
+                if need_selected:
+                    torch.mm(g, weight, out=d_selected[start : start + chunk])
+                if need_weight:
+                    d_weight += torch.mm(g.t(), part, out=d_weight_part)
+                if need_bias:
+                    d_bias += g.sum(0, dtype=torch.float32)
+        ctx.save_for_backward(selected, weight, bias, targets, d_selected, d_weight, d_bias)
+        ctx.reduction, ctx.eps = reduction, eps
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        selected, weight, bias, targets, d_selected, d_weight, d_bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, stock's composition
+            return (*_differentiable_grads(selected, weight, bias, targets, grad, ctx), None, None, None, None)
+        out = []
+        for d, x in ((d_selected, selected), (d_weight, weight), (d_bias, bias)):
+            out.append(None if d is None else (d * grad).to(x.dtype))
+        return (*out, None, None, None, None)
 
 
 def eager_loss(
@@ -134,9 +212,10 @@ def eager_loss(
     in its forward with three GEMMs, as stock does; what it adds on a CPU is its Python (~150 us per call forward,
     ~100 us backward at small sizes) and a fresh V x E buffer for the scaled dweight, which made it 0.85-0.94x of
     stock fwd+bwd at BERT-base's vocabulary and 0.89-0.92x forward-only at the benchmark's (measured). Without a
-    graph the log-softmax runs in place over the logits (one buffer where ``cross_entropy`` makes two). Taken only
-    where the logits kept between the passes (in fp32, or fp64) fit the op's chunk budget (the op's peak is one
-    chunk of them), and with at least one labelled row (the op's all-ignored mean is NaN with zero gradients).
+    graph the log-softmax runs in place over the logits (one buffer where ``cross_entropy`` makes two). Taken with
+    at least one labelled row (the op's all-ignored mean is NaN with zero gradients) and, in fp32 or fp64, only
+    where the logits kept between the passes fit the op's chunk budget (the op's peak is one chunk of them; above
+    it the op runs, at stock's speed). bf16 above the budget goes through :class:`LabelledRowsLossChunked`.
 
     bf16 (plain, or CPU autocast to bf16): the GEMMs run in bf16 as ``linear`` does and the cross-entropy in fp32
     on the upcast logits, which is stock's own numerics (within the low-precision rule by construction) at
@@ -151,13 +230,16 @@ def eager_loss(
     if autocast and hidden.dtype != torch.bfloat16:  # the wrapper cast hidden to the autocast dtype: fp16 here
         return None
     n_rows = rows.numel()
-    if n_rows == 0 or n_rows * weight.shape[0] * chunked.acc_dtype(hidden.dtype).itemsize > chunked.CHUNK_BYTES:
+    chunk = chunked.rows_per_chunk(weight.shape[0], chunked.acc_dtype(hidden.dtype))
+    if n_rows == 0 or (n_rows > chunk and hidden.dtype != torch.bfloat16):
         return None
     selected = hidden.index_select(0, rows)
     if autocast:  # what autocast's linear would run: bf16 copies, their casts differentiable back to fp32
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
-    if torch.is_grad_enabled() and (
+    if n_rows > chunk:
+        loss = LabelledRowsLossChunked.apply(selected, weight, bias, targets, reduction, label_smoothing, chunk)
+    elif torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         loss = LabelledRowsLoss.apply(selected, weight, bias, targets, reduction, label_smoothing)
