@@ -32,13 +32,21 @@ from torch import Tensor
 from ptfast.backends.torch import masked_lm_loss as chunked
 
 
-def _log_probs(selected: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Log-softmax of ``selected @ weight^T + bias`` in the accumulation dtype, formed in place over the
-    logits (the GEMM in the inputs' dtype, as ``linear``; bf16 logits upcast once to fp32)."""
-    logits = F.linear(selected, weight, bias)
+def _log_probs(
+    selected: Tensor, weight: Tensor, bias: Tensor | None, logits: Tensor | None = None, logp: Tensor | None = None
+) -> Tensor:
+    """Log-softmax of ``selected @ weight^T + bias`` in the accumulation dtype, formed in place over the logits:
+    the GEMM in the inputs' dtype (``linear``'s own call, so the same bits), bf16 logits upcast once to fp32.
+    ``logits`` / ``logp``: buffers to write into (a chunk loop reuses them), else fresh ones."""
+    if logits is None:
+        logits = selected.new_empty((selected.shape[0], weight.shape[0]))
+    if bias is None:
+        torch.mm(selected, weight.t(), out=logits)
+    else:
+        torch.addmm(bias, selected, weight.t(), out=logits)
     acc = chunked.acc_dtype(selected.dtype)
     if logits.dtype != acc:
-        logits = logits.to(acc)
+        logits = logits.to(acc) if logp is None else logp.copy_(logits)
     return torch._log_softmax(logits, 1, False, out=logits)
 
 
@@ -53,14 +61,13 @@ def _loss(logp: Tensor, targets: Tensor, reduction: str, label_smoothing: float)
 
 
 def _dlogits_(logp: Tensor, targets: Tensor, eps: float, scale: Tensor | float) -> Tensor:
-    """dloss/dlogits = (softmax - (1 - eps) * onehot - eps / V) * scale, formed in place over ``logp``."""
-    dlogits = logp.exp_()
+    """dloss/dlogits = (softmax - smoothed one-hot) * scale, formed in place over ``logp`` (the op's own
+    subtraction of the targets, with every row's gradient ``scale``)."""
+    dlogits = logp.exp_().mul_(scale)
     rows, vocab = dlogits.shape
-    if eps > 0:
-        dlogits.sub_(eps / vocab)
-    hit = torch.full((), eps - 1.0, dtype=dlogits.dtype).expand(rows, 1)
-    dlogits.scatter_add_(1, targets.unsqueeze(1), hit)
-    return dlogits.mul_(scale)
+    row_grad = torch.as_tensor(scale, dtype=dlogits.dtype).expand(rows)
+    chunked._subtract_targets(dlogits, targets, row_grad, eps, vocab)
+    return dlogits
 
 
 def _without_autocast() -> contextlib.AbstractContextManager:
@@ -165,11 +172,7 @@ class LabelledRowsLossChunked(torch.autograd.Function):
             for start in range(0, rows, chunk):
                 part, t = selected[start : start + chunk], targets[start : start + chunk]
                 z = logits[: part.shape[0]]
-                if bias is None:  # linear's own calls, so the same bits
-                    torch.mm(part, weight.t(), out=z)
-                else:
-                    torch.addmm(bias, part, weight.t(), out=z)
-                logp = torch._log_softmax(logp_buf[: part.shape[0]].copy_(z), 1, False, out=logp_buf[: part.shape[0]])
+                logp = _log_probs(part, weight, bias, z, logp_buf[: part.shape[0]])
                 total += _loss(logp, t, "sum", eps)
                 if not (need_selected or need_weight or need_bias):
                     continue
