@@ -7,7 +7,9 @@ One place decides which implementation (``torch``, ``triton`` or ``cuda``) runs 
 * each op module hands ``choose`` a table ``{backend name: implementation module}``; every implementation
   module exposes ``supports(**meta) -> str | None`` (``None`` = can run, else the reason it refuses);
 * ``auto`` walks the op's preference order and falls back to ``torch``; an explicitly requested backend that
-  refuses raises :class:`BackendNotSupportedError` with its reason, never a silent fallback;
+  refuses raises :class:`BackendNotSupportedError` with its reason, never a silent fallback; on a CPU tensor
+  ``auto`` is ``torch`` at once unless a backend registered that it runs CPU tensors
+  (:func:`register_cpu_backend`: Triton under ``TRITON_INTERPRET=1``);
 * verified or off: on a CUDA device ``auto`` takes a Triton or CUDA kernel only where the committed verification
   record says it passed its GPU tests and measured faster than torch at that shape class
   (:mod:`ptfast.verification`; ``PTFAST_ALLOW_UNVERIFIED=1`` opts in to the rest). Explicit backends are not gated.
@@ -48,6 +50,16 @@ BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
 
 _tls = threading.local()
+
+# Backends that run kernels on CPU tensors in this process (Triton under its interpreter), registered by the backend
+# when it is imported. Without one, ``auto`` on a CPU tensor is torch, known without asking each backend (a few
+# microseconds of Python per call, on every call of every op).
+_cpu_backends: set[str] = set()
+
+
+def register_cpu_backend(name: str) -> None:
+    """Backend ``name`` may run CPU tensors: ``auto`` asks its ``supports()`` for them too."""
+    _cpu_backends.add(_check_name(name))
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -134,6 +146,7 @@ def choose(
     *,
     device: object = None,
     shape_class: str | None = None,
+    requested: str | None = None,
     **meta: object,
 ) -> str:
     """Pick the backend for one call of ``op``; ``meta`` is what the backends' ``supports`` look at.
@@ -143,14 +156,22 @@ def choose(
     input class a kernel fault is remembered for (the op's dtype, head dim, ...; see :func:`run`). On a CUDA
     ``device``, ``auto`` also needs the verification record to vouch for the backend at ``shape_class``
     (:mod:`ptfast.verification`); an explicit request does not.
+
+    ``fault_key`` may be a function returning it (computed only when a backend other than torch could run);
+    ``requested``: :func:`requested_backend`'s answer when the caller already has it (one lookup per call).
     """
-    requested = requested_backend()
+    if requested is None:
+        requested = requested_backend()
     if requested == "auto":
+        if not _cpu_backends and getattr(device, "type", None) == "cpu":
+            return "torch"  # (no backend's refusal of a CPU tensor is a fault: no warning is skipped)
         for name in auto_order:
             if name == "torch":
                 return "torch"
             reason = impls[name].supports(**meta)
             if reason is None:
+                if callable(fault_key):
+                    fault_key = fault_key()
                 reason = known_fault(op, name, fault_key)
                 if reason is None and device is not None:
                     reason = _unverified_reason(op, name, device, shape_class)
@@ -253,14 +274,15 @@ def record(op: str, backend: str, phase: str) -> None:
                 events.append((op, backend, phase))
 
 
-def autograd_route_applies(backend: str, device: object, tensors: tuple) -> bool:
+def autograd_route_applies(backend: str, device: object, tensors: tuple, requested: str | None = None) -> bool:
     """Whether ``auto``'s CPU route may run this call as the torch backend built from PyTorch's own
     differentiable ops (see :func:`record_autograd_route`): ``auto`` chose torch, the inputs are on a CPU, and the
-    call is eager on plain tensors (not compiled, traced, under a dispatch mode or a functorch transform)."""
+    call is eager on plain tensors (not compiled, traced, under a dispatch mode or a functorch transform).
+    ``requested``: the :func:`requested_backend` the call was dispatched under, when the caller has it."""
     return (
         backend == "torch"
         and getattr(device, "type", None) == "cpu"
-        and requested_backend() == "auto"
+        and (requested_backend() if requested is None else requested) == "auto"
         and direct_call_allowed(tensors)
     )
 

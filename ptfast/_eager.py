@@ -39,7 +39,10 @@ def direct_call_allowed(args: tuple[Any, ...]) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or transforms_active():
         return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+    for a in args:  # a loop, not all(<generator>): this runs on every eager call
+        if a is not None and type(a) not in _PLAIN and isinstance(a, Tensor):
+            return False
+    return True
 
 
 class RegisteredOp:

@@ -45,7 +45,8 @@ def check_tensor(
             want = " or ".join(str(n) for n in allowed)
             raise ValueError(f"ptfast.{op}: {name} must have {want} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None:
-        dtypes = tuple(dtypes)
+        if not isinstance(dtypes, tuple):
+            dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise TypeError(f"ptfast.{op}: {name} must have dtype in ({names}), got {t.dtype}")
@@ -53,19 +54,25 @@ def check_tensor(
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for n, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"ptfast.{op}: {n} is on {t.device} but {first_name} is on {first.device}")
+    first_name = first = device = None
+    for n, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first, device = n, t, t.device
+        elif t.device != device:
+            raise ValueError(f"ptfast.{op}: {n} is on {t.device} but {first_name} is on {device}")
 
 
 def check_same_dtype(op: str, **tensors: torch.Tensor | None) -> None:
     """Mixed floating dtypes are an error outside autocast (the wrapper casts under autocast first)."""
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for n, t in items[1:]:
-        if t.dtype != first.dtype:
+    first_name = first = None
+    for n, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = n, t
+        elif t.dtype != first.dtype:
             raise TypeError(
                 f"ptfast.{op}: {n} has dtype {t.dtype} but {first_name} has {first.dtype}; "
                 "cast them to one dtype or run under torch.autocast"

@@ -61,7 +61,9 @@ def _impl_tables() -> list[dict]:
 
 @pytest.fixture
 def stubs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``cuda`` and ``triton`` run (the torch implementation) for every op; ``auto`` then picks ``cuda``."""
+    """``cuda`` and ``triton`` run (the torch implementation) for every op; ``auto`` then picks ``cuda`` (asked
+    about CPU tensors, as for CUDA tensors on a GPU machine)."""
+    monkeypatch.setattr(_dispatch, "_cpu_backends", {"cuda", "triton"})
     for table in _impl_tables():
         for name in ("cuda", "triton"):
             monkeypatch.setitem(table, name, _Stub(table["torch"]))

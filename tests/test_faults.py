@@ -39,6 +39,14 @@ from tests.oracles.masked_lm_loss import masked_lm_loss as mlm_oracle
 pytestmark = pytest.mark.usefixtures("fresh_faults")
 
 
+@pytest.fixture(autouse=True)
+def _backends_take_cpu_tensors(monkeypatch) -> None:
+    """The injected ``supports()`` answers stand in for a GPU machine's: ``auto`` must ask the Triton and CUDA
+    backends about these CPU tensors, as it asks about CUDA tensors there (by default it knows no backend but torch
+    runs a CPU tensor here, and does not ask)."""
+    monkeypatch.setattr(_dispatch, "_cpu_backends", {"triton", "cuda"})
+
+
 def _attention_inputs(seed: int = 0, shape=(2, 3, 7, 8)):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]

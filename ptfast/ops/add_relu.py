@@ -104,11 +104,12 @@ def _add_relu(x: Tensor, residual: Tensor, x_is_scratch: bool) -> Tensor:
     residual = residual.contiguous(memory_format=fmt)
     channels_last = fmt == torch.channels_last
     shape_class = verification.add_relu_class(x.dtype, channels_last, x.numel()) if x.is_cuda else None
+    requested = _dispatch.requested_backend()
     backend = _dispatch.choose(
-        OP, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last),
-        device=x.device, shape_class=shape_class, x=x, residual=residual,
+        OP, _IMPLS, _AUTO_ORDER, lambda: _fault_key(x, channels_last),
+        device=x.device, shape_class=shape_class, requested=requested, x=x, residual=residual,
     )  # fmt: skip
-    if _dispatch.autograd_route_applies(backend, x.device, (x, residual)):
+    if _dispatch.autograd_route_applies(backend, x.device, (x, residual), requested):
         # auto's CPU route around the op's own Python: the torch backend's two ops as themselves, so that
         # autograd's own nodes run the same backward (ReLU's on the output, then the add's) in C++.
         out = x.add_(residual).relu_() if x_is_scratch else torch_add_relu.forward(x, residual)

@@ -522,13 +522,14 @@ def attention(
         query.dtype, int(query.shape[-1]), int(key.shape[2]), attn_mask=mask is not None,
         key_mask=key_mask is not None, dropout=dropout_p > 0, causal=bool(is_causal),
     ) if query.is_cuda else None  # fmt: skip
+    requested = _dispatch.requested_backend()
     backend = _dispatch.choose(
-        op, _IMPLS, _AUTO_ORDER, _fault_key(query, value, _mask_kinds(mask, key_mask), dropout_p, is_causal),
-        device=query.device, shape_class=shape_class, q=query, k=key, v=value, attn_mask=mask, key_mask=key_mask,
-        dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
+        op, _IMPLS, _AUTO_ORDER, lambda: _fault_key(query, value, _mask_kinds(mask, key_mask), dropout_p, is_causal),
+        device=query.device, shape_class=shape_class, requested=requested, q=query, k=key, v=value,
+        attn_mask=mask, key_mask=key_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale_f,
     )  # fmt: skip
     seed = _seed(dropout_p, query.device)  # drawn once whichever path runs: the same keep mask either way
-    if _dispatch.autograd_route_applies(backend, query.device, (query, key, value, mask, key_mask)):
+    if _dispatch.autograd_route_applies(backend, query.device, (query, key, value, mask, key_mask), requested):
         # auto's CPU routes around the op's own Python: PyTorch's own differentiable ops, recorded by autograd
         # (the flash kernel without dropout, the op's dropout math with it).
         if seed is None:

@@ -229,12 +229,14 @@ def _conv_relu(
         shape_class = verification.conv_class(
             x.dtype, channels_last, tuple(weight.shape), pool, stride=stride, residual=residual is not None
         )
+    requested = _dispatch.requested_backend()
     backend = _dispatch.choose(
-        op, _IMPLS, _AUTO_ORDER, _fault_key(x, channels_last, weight, stride, padding, pool, residual is not None),
-        device=x.device, shape_class=shape_class,
+        op, _IMPLS, _AUTO_ORDER,
+        lambda: _fault_key(x, channels_last, weight, stride, padding, pool, residual is not None),
+        device=x.device, shape_class=shape_class, requested=requested,
         x=x, weight=weight, bias=bias, residual=residual, stride=stride, padding=padding, pool=pool,
     )  # fmt: skip
-    if _dispatch.autograd_route_applies(backend, x.device, (x, weight, bias, residual)):
+    if _dispatch.autograd_route_applies(backend, x.device, (x, weight, bias, residual), requested):
         out = torch_conv.eager_forward(x, weight, bias, residual, stride, padding, pool)
         if out is not None:  # None: the op's result differs there (see eager_forward)
             _dispatch.record_autograd_route(op, out)

@@ -402,13 +402,15 @@ def masked_lm_loss(
             _check_label_values(labels, ignore_index, vocab)
     # The verification gate's shape class matters only on CUDA (it gates auto there): no work elsewhere.
     shape_class = verification.masked_lm_loss_class(hidden.dtype, int(hidden.shape[-1])) if hidden.is_cuda else None
+    requested = _dispatch.requested_backend()
     backend = _dispatch.choose(
         _OP,
         _IMPLS,
         _AUTO_ORDER,
-        _fault_key(hidden, weight, bias),
+        lambda: _fault_key(hidden, weight, bias),
         device=hidden.device,
         shape_class=shape_class,
+        requested=requested,
         hidden=hidden,
         weight=weight,
         labels=labels,
@@ -418,7 +420,7 @@ def masked_lm_loss(
     flat_labels = labels.reshape(-1)
     flat_hidden = hidden.reshape(flat_labels.shape[0], hidden.shape[-1])  # not -1: E may be 0
     if labelled is not None and _dispatch.autograd_route_applies(
-        backend, hidden.device, (hidden, weight, labels, bias)
+        backend, hidden.device, (hidden, weight, labels, bias), requested
     ):
         # auto's CPU route around the op's own Python (see masked_lm_loss_eager).
         loss = masked_lm_loss_eager.eager_loss(flat_hidden, weight, *labelled, bias, reduction, float(label_smoothing))

@@ -33,6 +33,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,9 @@ def supports(**meta: object) -> str | None:
     return None  # everything the functional API's validation admits
 
 
-@dataclass(frozen=True)
-class Spec:
-    """Everything besides q/k/v that defines one attention call (masks in compact 4-D / ``(B, Lk)`` form)."""
+class Spec(NamedTuple):
+    """Everything besides q/k/v that defines one attention call (masks in compact 4-D / ``(B, Lk)`` form). A
+    named tuple: built on every call, at a third of a frozen dataclass's cost."""
 
     attn_mask: Tensor | None
     key_mask: Tensor | None
@@ -451,14 +452,15 @@ def _mask_identity(mask: Tensor | None) -> tuple:
     return (weakref.ref(mask), mask._version)
 
 
-def _same_identity(a: tuple, b: tuple) -> bool:
-    ref_a, ref_b = a[0], b[0]
-    if ref_a is None or ref_b is None:
-        return ref_a is ref_b and a[1] == b[1]
-    if not (isinstance(ref_a, weakref.ref) and isinstance(ref_b, weakref.ref)):
+def _is_identified(identity: tuple, mask: Tensor | None) -> bool:
+    """Whether ``mask`` is the tensor :func:`_mask_identity` gave ``identity`` for, unmodified since. Creates no
+    weak reference: this runs on every call (the cache hit is the common case)."""
+    ref, version = identity
+    if mask is None:
+        return ref is None
+    if not isinstance(ref, weakref.ref) or ref() is not mask or mask.is_inference():
         return False
-    obj = ref_a()
-    return obj is not None and obj is ref_b() and a[1] == b[1]
+    return mask._version == version
 
 
 def _whole_input_mask(q: Tensor, spec: Spec, Lk: int) -> tuple[Tensor | None, Tensor | None, bool]:
@@ -469,15 +471,17 @@ def _whole_input_mask(q: Tensor, spec: Spec, Lk: int) -> tuple[Tensor | None, Te
     reused while the mask tensors are alive and unmodified (identity and version counter)."""
     if spec.attn_mask is None and spec.key_mask is None:
         return None, None, False
-    key = (_mask_identity(spec.attn_mask), _mask_identity(spec.key_mask), q.dtype, q.device, Lk)
     cached = _mask_cache.key
     if (
         cached is not None
-        and cached[2:] == key[2:]
-        and _same_identity(cached[0], key[0])
-        and _same_identity(cached[1], key[1])
+        and cached[2] == q.dtype
+        and cached[4] == Lk
+        and cached[3] == q.device
+        and _is_identified(cached[0], spec.attn_mask)
+        and _is_identified(cached[1], spec.key_mask)
     ):
         return _mask_cache.value
+    key = (_mask_identity(spec.attn_mask), _mask_identity(spec.key_mask), q.dtype, q.device, Lk)
     B, Lq = q.shape[0], q.shape[2]
     # Ordinary tensors even inside inference_mode: a later training call may reuse them, and autograd saves the
     # mask of the kernel it records (eager_flash).

@@ -127,8 +127,10 @@ def eager_forward(
     if pool:
         z = F.max_pool2d(z, 2, 2)
     out = torch.relu_(z)
-    if out.requires_grad and bool(out.detach().sum().isnan()):
-        return None
+    if out.requires_grad:
+        total = out.detach().sum().item()  # ReLU's output is >= 0 or NaN: its sum is NaN only where one is
+        if total != total:
+            return None
     return out.contiguous(memory_format=fmt)
 
 

@@ -26,8 +26,16 @@ MIN_CAPABILITY = (8, 0)
 GPU_CLASSES = (80, 89, 90)
 
 
+@functools.cache
 def interpreter_enabled() -> bool:
+    """``TRITON_INTERPRET`` as this process set it, read once: Triton reads it when a kernel module is imported,
+    so a later change would not take effect anyway; and ``auto`` asks on every call (an environment lookup
+    each time is measurable per call on a CPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if interpreter_enabled():
+    _dispatch.register_cpu_backend("triton")
 
 
 @functools.cache
