@@ -62,6 +62,11 @@ def register_cpu_backend(name: str) -> None:
     _cpu_backends.add(_check_name(name))
 
 
+def auto_is_torch_on_cpu() -> bool:
+    """Whether ``auto`` runs every CPU tensor on torch in this process (no backend registered for CPU tensors)."""
+    return not _cpu_backends
+
+
 class BackendNotSupportedError(RuntimeError):
     """An explicitly requested backend cannot run the given inputs (the message says why)."""
 

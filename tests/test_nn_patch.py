@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ptfast
+from ptfast import _dispatch
 from ptfast.testing import record_dispatch
 from tests.helpers import assert_ran
 
@@ -168,6 +169,19 @@ def test_fused_modules_run_stock_math_on_cpu_under_auto(pool, channels_last):
     with record_dispatch() as events:
         assert fused(x[:0]).shape == (0, 7, *ref.shape[2:])
     assert {e[0] for e in events} == {"conv_relu_pool" if pool else "conv_relu"}
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_fused_modules_leave_auto_to_the_op_where_a_kernel_runs_cpu_tensors(monkeypatch, pool):
+    """Where a backend registered that it runs CPU tensors (Triton under TRITON_INTERPRET=1), auto on a CPU may pick
+    a kernel: the module then runs the op, which decides (here Triton refuses, no interpreter: torch runs)."""
+    monkeypatch.setattr(_dispatch, "_cpu_backends", {"triton"})
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    fused = (ptfast.nn.ConvReLUPool2d if pool else ptfast.nn.ConvReLU2d).from_conv(conv)
+    x = torch.randn(3, 5, 13, 11).contiguous(memory_format=torch.channels_last)
+    with record_dispatch() as events:
+        fused(x)
+    assert {e[:2] for e in events} == {("conv_relu_pool" if pool else "conv_relu", "torch")}
 
 
 def test_one_channel_input_pools_through_the_op():

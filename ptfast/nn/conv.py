@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptfast._dispatch import autograd_route_applies
+from ptfast._dispatch import auto_is_torch_on_cpu, autograd_route_applies
 from ptfast.backends.torch.conv import memory_format
 from ptfast.ops.conv import conv_relu, conv_relu_pool
 
@@ -113,11 +113,13 @@ def _stock_math_on_cpu(module: _FusedConv2d, x: object) -> bool:
     where PyTorch's NCHW max-pool is a scalar loop (a hand-written VGG step on 1x32x32 digits measured 1.0x with
     the first layer here against 1.2x through the op). An empty batch keeps the op (PyTorch's pooling backward
     refuses one). The op's contract at a NaN conv output (zero gradient) is then stock's (ReLU passes the gradient
-    on), as in the model before ``ptfast.patch``. Explicit backends, compiled code, dispatch modes and functorch
-    transforms run the op."""
+    on), as in the model before ``ptfast.patch``. Explicit backends, compiled code, dispatch modes, functorch
+    transforms, and a process where a kernel backend runs CPU tensors (Triton under its interpreter) run the op."""
     if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
         return False
     if module._pool and memory_format(x) != torch.channels_last:  # one channel is NCHW here too, as for conv2d
+        return False
+    if not auto_is_torch_on_cpu():  # Triton under its interpreter: auto may pick a kernel, the op decides
         return False
     return autograd_route_applies("torch", x.device, (x, module.weight, module.bias))
 
