@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ptfast
+from ptfast import _dispatch
 from ptfast.nn.conv import ConvBN2d, ConvBNReLU2d, ConvReLUPool2d
 from ptfast.testing import record_dispatch
 from tests import seed_models as sm
@@ -145,6 +146,21 @@ def test_resnet_eval_and_training_match_stock(make, channels_last):
     with record_dispatch() as events:
         _assert_same_train_steps(stock, ours, x)
     assert events == []
+
+
+def test_training_mode_blocks_run_their_plan_where_a_kernel_runs_cpu_tensors(monkeypatch):
+    """Where a backend registered that it runs CPU tensors (Triton under TRITON_INTERPRET=1), auto on a CPU may pick
+    kernels for the plan's ops: the blocks run their plan, not their stock forward (here Triton refuses, no
+    interpreter, so the ops run torch)."""
+    monkeypatch.setattr(_dispatch, "_cpu_backends", {"triton"})
+    stock, ours = _pair(sm.resnet18)
+    stock.train(), ours.train()
+    x = _image(2, 37, 29, False)
+    with record_dispatch() as events:
+        out = ours(x)
+    blocks = sum(1 for m in ours.modules() if isinstance(m, (sm.BasicBlock, sm.Bottleneck)))
+    assert events.count(("add_relu", "torch", "forward")) == blocks
+    torch.testing.assert_close(out, stock(x), **TOL)
 
 
 def test_resnet_training_mode_is_bitwise_stock_in_fp32():

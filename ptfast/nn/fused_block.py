@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptfast._dispatch import requested_backend
+from ptfast._dispatch import auto_is_torch_on_cpu, requested_backend
 from ptfast.backends.torch.conv import conv_hw
 from ptfast.nn.conv import folded_weights, symmetric_padding, unsupported_reason, uses_running_stats
 from ptfast.ops.add_relu import add_relu_into
@@ -249,7 +249,13 @@ class FusedBlockMixin:
         if len(args) != 1 or kwargs:
             return self._ptfast_base.forward(self, *args, **kwargs)
         x = args[0]
-        if isinstance(x, Tensor) and x.device.type == "cpu" and requested_backend() == "auto":
+        # (auto_is_torch_on_cpu: under the Triton interpreter auto may pick kernels for the plan's ops)
+        if (
+            isinstance(x, Tensor)
+            and x.device.type == "cpu"
+            and requested_backend() == "auto"
+            and auto_is_torch_on_cpu()
+        ):
             if not _fusion_pays_on_cpu(self, self._ptfast_plan):
                 return self._ptfast_base.forward(self, x)
         return run_plan(self, self._ptfast_plan, x)
