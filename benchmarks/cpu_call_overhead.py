@@ -95,19 +95,18 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write a markdown table here")
     args = ap.parse_args()
 
-    from benchmarks.env import cpu_name, git_commit
+    from benchmarks.env import cpu_report_head, git_commit, write_report
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = measure(args.calls, args.repeats)
-    lines = [
-        "# Per-call overhead on CPU: what a ptfast call adds to stock PyTorch (tiny inputs, warm)",
-        "",
-        f"**CPU run**: {cpu_name()} · torch {torch.__version__} · ptfast {ptfast.__version__} · "
-        f"{torch.get_num_threads()} torch threads · date (UTC) {started} · commit `{git_commit()}` · fp32 · "
-        f"fastest of {args.repeats} alternating blocks of {args.calls} calls",
-        "",
-        "Command: `python -m benchmarks.cpu_call_overhead" + (f" --out {args.out}`" if args.out else "`"),
-        "",
+    lines = cpu_report_head(
+        "Per-call overhead on CPU: what a ptfast call adds to stock PyTorch (tiny inputs, warm)",
+        "benchmarks.cpu_call_overhead",
+        started,
+        git_commit(),
+        f"fp32 · fastest of {args.repeats} alternating blocks of {args.calls} calls",
+    )
+    lines += [
         "Stock: the same computation in plain PyTorch (SDPA with the bool mask; conv2d + relu (+ max_pool2d); "
         "relu(x + r); the labelled rows gathered, then cross_entropy(linear)). Inputs: attention B2 H3 L17 D8, "
         "conv 2x5x7x9 with 5 output channels, masked-LM 33 tokens E16 V51.",
@@ -117,11 +116,7 @@ def main() -> None:
     ]
     for name, mode, s, p in rows:
         lines.append(f"| {name} | {mode} | {s:.1f} | {p:.1f} | {p - s:+.1f} |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -77,22 +77,18 @@ def main() -> None:
         print(json.dumps(_one(provider, how, int(tokens), args.steps)))
         return
 
-    import torch
-
-    import ptfast
-    from benchmarks.env import cpu_name, git_commit
+    from benchmarks.env import cpu_report_head, git_commit, write_report
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    lines = [
-        "# Masked-LM head on CPU: step time and peak memory, one process per measurement",
-        "",
-        f"**CPU run**: {cpu_name()} · torch {torch.__version__} · ptfast {ptfast.__version__} · "
-        f"{torch.get_num_threads()} torch threads · date (UTC) {started} · commit `{git_commit()}` · "
+    lines = cpu_report_head(
+        "Masked-LM head on CPU: step time and peak memory, one process per measurement",
+        "benchmarks.cpu_head_memory",
+        started,
+        git_commit(),
         f"BERT-base's head (E{EMB}, V{VOCAB}), 15% of the tokens labelled · median of {args.steps} consecutive "
         "fwd+bwd steps",
-        "",
-        "Command: `python -m benchmarks.cpu_head_memory" + (f" --out {args.out}`" if args.out else "`"),
-        "",
+    )
+    lines += [
         "| tokens (labelled) | dtype | stock ms | ptfast ms | speed ratio | stock peak MiB | ptfast peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -111,11 +107,7 @@ def main() -> None:
                 f"{s['peak_mib']:.0f} | {p['peak_mib']:.0f} |"
             )
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,33 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_report_head(title: str, module: str, started: str, commit: str, details: str) -> list[str]:
+    """The opening lines of a CPU result file (``benchmarks.interleaved``, ``cpu_call_overhead``,
+    ``cpu_head_memory``): title, machine, versions, date, commit, what each number is, and the command as it was
+    given (every option that was set, so the file says how to make it again)."""
+    import ptfast
+
+    command = shlex.join(["python", "-m", module, *sys.argv[1:]])
+    return [
+        f"# {title}",
+        "",
+        f"**CPU run**: {cpu_name()} · torch {torch.__version__} · ptfast {ptfast.__version__} · "
+        f"{torch.get_num_threads()} torch threads · date (UTC) {started} · commit `{commit}` · {details}",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
+
+
+def write_report(lines: list[str], out: str | None) -> None:
+    """Print a result file's text and, with ``out``, write it there."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    print(text)
+
+
 def device_slug(device: torch.device) -> str:
     """Directory name of a device's results, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu-x86-64``."""
     if device.type == "cuda":

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ptfast
-from benchmarks.env import cpu_name, git_commit
+from benchmarks.env import cpu_report_head, git_commit, write_report
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -258,19 +258,14 @@ def main() -> None:
     commit = git_commit()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = measure(args.rounds, args.inner, args.only)
-    lines = [
-        "# ptfast vs stock PyTorch on CPU, interleaved (speed ratio: stock time / ptfast time, > 1 = ptfast faster)",
-        "",
-        f"**CPU run**: {cpu_name()} · torch {torch.__version__} · ptfast {ptfast.__version__} · "
-        f"{torch.get_num_threads()} torch threads · "
-        f"date (UTC) {started} · commit `{commit}` · fp32 unless a row says bf16 · "
-        f"{args.rounds} rounds, best of {args.inner} per round",
-        "",
-        "Command: `python -m benchmarks.interleaved "
-        + f"--rounds {args.rounds} --inner {args.inner}"
-        + (f" --only '{args.only}'" if args.only else "")
-        + (f" --out {args.out}`" if args.out else "`"),
-        "",
+    lines = cpu_report_head(
+        "ptfast vs stock PyTorch on CPU, interleaved (speed ratio: stock time / ptfast time, > 1 = ptfast faster)",
+        "benchmarks.interleaved",
+        started,
+        commit,
+        f"fp32 unless a row says bf16 · {args.rounds} rounds, best of {args.inner} per round",
+    )
+    lines += [
         "Stock: `F.scaled_dot_product_attention` with the bool mask `(B, 1, 1, L)` (dropout: SDPA's own); "
         "`F.relu(F.conv2d(...))` (+ `F.max_pool2d(2)`). BHLD: contiguous q/k/v; BLHD: transposes of (B, L, H, D). "
         "NCHW: contiguous x and weight (the issue's rows); NHWC: channels_last (the benchmark suite's conv cases). "
@@ -283,11 +278,7 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {med:.3f} | {lo:.3f}–{hi:.3f} |" for name, med, lo, hi in results]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

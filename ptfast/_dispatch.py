@@ -168,7 +168,7 @@ def choose(
     if requested is None:
         requested = requested_backend()
     if requested == "auto":
-        if not _cpu_backends and getattr(device, "type", None) == "cpu":
+        if getattr(device, "type", None) == "cpu" and auto_is_torch_on_cpu():
             return "torch"  # (no backend's refusal of a CPU tensor is a fault: no warning is skipped)
         for name in auto_order:
             if name == "torch":
