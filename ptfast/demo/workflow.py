@@ -376,9 +376,12 @@ def stage_finetune_text(
         f"with {steps[1]} steps of masked-LM pretraining, the stock twin's encoder fine-tunes to {pretrained_mean:.1%} "
         f"validation accuracy ({seeds_text}: {_accs(same_steps)}) against {control:.1%} for the control "
         f"({_accs(control_accs)}): the pretrained encoder "
-        + ("beat" if pretrained_mean > control else "did not beat")
-        + " the control at this budget (a short pretraining that has mostly learned token frequencies can be worse "
-        "than none)"
+        + (
+            "beat the control at this budget"
+            if pretrained_mean > control
+            else "did not beat the control at this budget (a short pretraining that has mostly learned token "
+            "frequencies can be worse than none)"
+        )
     )
     if same_seconds is not None:
         # The same classifier from the encoder the ptfast twin pretrained for the stock twin's seconds.
