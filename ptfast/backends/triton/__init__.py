@@ -26,12 +26,16 @@ MIN_CAPABILITY = (8, 0)
 GPU_CLASSES = (80, 89, 90)
 
 
-@functools.cache
+# TRITON_INTERPRET as this process set it, read once at import: Triton reads it when a kernel module is imported,
+# so a later change would not take effect anyway; and ``auto`` asks on every call (an environment lookup each time
+# is measurable per call on a CPU). A module constant, not functools.cache: torch.compile traces into this where a
+# refusal breaks the graph, and warns about every cache wrapper it traces through.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreter_enabled() -> bool:
-    """``TRITON_INTERPRET`` as this process set it, read once: Triton reads it when a kernel module is imported,
-    so a later change would not take effect anyway; and ``auto`` asks on every call (an environment lookup
-    each time is measurable per call on a CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton kernels run on CPU tensors in this process (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETER
 
 
 if interpreter_enabled():
