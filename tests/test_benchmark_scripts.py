@@ -2,6 +2,8 @@
 
 ``benchmarks.cpu_call_overhead``: one row per op and mode, each a measured time, and ptfast's calls really take
 auto's CPU route (no ptfast Function in the graph), which is what its numbers are about.
+``benchmarks.cpu_cnn_layout``: every model in every variant, and each variant is what its name says (layout of the
+parameters and images, patched or not).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import torch
 
 import ptfast
-from benchmarks import cpu_call_overhead
+from benchmarks import cpu_call_overhead, cpu_cnn_layout
 from ptfast.testing import record_dispatch
 
 
@@ -52,3 +54,26 @@ def test_cpu_call_overhead_times_the_cpu_route() -> None:
         assert names and not any(n.endswith("_eagerBackward") for n in names), (name, names)
         with ptfast.use_backend("torch"):  # the check can fail: the op's Function is found when it runs
             assert any(n.endswith("_eagerBackward") for n in _node_names(ours())), name
+
+
+def test_cpu_cnn_layout_measures_every_variant() -> None:
+    rows = cpu_cnn_layout.measure(rounds=2, inner=1, batch=3, width=4)
+    names = list(cpu_cnn_layout._models(4))
+    assert [(m, v) for m, v, *_ in rows] == [(m, v) for m in names for v in cpu_cnn_layout.VARIANTS]
+    for _m, variant, ms, ratio, lo, hi in rows:
+        assert math.isfinite(ms) and ms > 0 and lo <= ratio <= hi
+        if variant == "stock NCHW":
+            assert ratio == 1.0
+
+
+def test_cpu_cnn_layout_variants_are_what_they_say() -> None:
+    for make in cpu_cnn_layout._models(4).values():
+        base = make()
+        for variant, (model, x) in cpu_cnn_layout.variants(base, torch.randn(2, 1, 32, 32)).items():
+            fmt = torch.channels_last if variant.endswith("channels_last") else torch.contiguous_format
+            convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1]
+            assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs), variant
+            assert x.is_contiguous(memory_format=fmt)
+            patched = any(type(m).__module__.startswith("ptfast.nn") for m in model.modules())
+            assert patched == variant.startswith("ptfast"), variant
+            assert model is not base
