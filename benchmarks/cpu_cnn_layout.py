@@ -86,9 +86,9 @@ def measure(rounds: int, inner: int, batch: int, width: int) -> list[tuple[str, 
                 times[variant].append(best)
         for variant in VARIANTS:
             ratios = sorted(s / t for s, t in zip(times["stock NCHW"], times[variant], strict=True))
-            q = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else [ratios[0]] * 4
+            lo, hi = ratios[len(ratios) // 5], ratios[(4 * len(ratios)) // 5]  # as benchmarks.interleaved
             ms = statistics.median(times[variant]) * 1e3
-            rows.append((name, variant, ms, statistics.median(ratios), q[0], q[3]))
+            rows.append((name, variant, ms, statistics.median(ratios), lo, hi))
             print(f"{name:34s} {variant:22s} {ms:8.2f} ms  x{rows[-1][3]:.3f}", flush=True)
     return rows
 
