@@ -25,7 +25,6 @@ that only shares a block table with a verified one (sm_86, a Blackwell part) is 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import threading
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ptfast._compiling import constant_while_compiling
+from ptfast._compiling import constant_while_compiling, probe_cache
 
 __all__ = [
     "ALLOW_UNVERIFIED_ENV",
@@ -121,7 +120,7 @@ _lock = threading.Lock()
 _override: list[Record | None] = [None]
 
 
-@functools.cache
+@probe_cache
 def _committed_record() -> Record:
     try:
         return Record.from_json(json.loads(RECORD_PATH.read_text()))
@@ -166,7 +165,7 @@ def gpu_class_name(capability: tuple[int, int]) -> str:
     return f"sm{major}{minor}"
 
 
-@functools.cache
+@probe_cache
 def _class_of_index(index: int) -> str:
     return gpu_class_name(torch.cuda.get_device_capability(index))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -529,3 +530,19 @@ def test_refusals_and_auto_fallback(dtype, d, match):
     assert ("attention", "triton", "forward") not in events
     ref = oracle.attention(q.double(), k.double(), v.double(), is_causal=True)
     assert_close64(out, ref, "auto fallback", tol=1e-2 if dtype == torch.bfloat16 else None)
+
+
+def test_refusal_under_compile_without_fullgraph_is_only_the_error():
+    """The refusal breaks the graph; dynamo then compiles each frame it meets, the backend's environment probes
+    included. The user gets ptfast's error, not also dynamo's warning about tracing through a functools cache
+    (the probes keep their answers in ptfast._compiling.probe_cache; the warn-once cache is cleared, so a warning
+    earlier in the process cannot hide this one)."""
+    q, k, v = make_qkv(lq=5, lk=5, d=320)
+    getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: ptfast.attention(q, k, v), backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ptfast.use_backend("triton"), pytest.raises(ptfast.BackendNotSupportedError, match="256"):
+            compiled(q, k, v)
+    assert not [str(c.message) for c in caught if "lru_cache" in str(c.message)]

@@ -12,13 +12,13 @@ available", raised synchronously at launch) is a :class:`~ptfast._dispatch.Kerne
 
 from __future__ import annotations
 
-import functools
 import importlib
 from types import ModuleType
 
 import torch
 
 from ptfast import _dispatch
+from ptfast._compiling import probe_cache
 from ptfast._dispatch import Fault, KernelFault
 
 EXTENSION_MODULE = "ptfast._C"
@@ -26,7 +26,7 @@ INSTALL_HINT = "pip install --no-build-isolation . on a machine with nvcc and a 
 MIN_CAPABILITY = (8, 0)
 
 
-@functools.cache
+@probe_cache
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
         # torch first: the extension links against torch's shared libraries, which importing torch loads.
@@ -51,7 +51,7 @@ def extension_reason() -> str | None:
     return _load()[1]
 
 
-@functools.cache
+@probe_cache
 def _capability_reason(index: int) -> str | None:
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) < MIN_CAPABILITY:

@@ -12,13 +12,13 @@ failure, more shared memory than the GPU has) from everything else, which propag
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 
 import torch
 
 from ptfast import _dispatch
+from ptfast._compiling import probe_cache
 from ptfast._dispatch import Fault, KernelFault, constant_while_compiling
 
 MIN_CAPABILITY = (8, 0)
@@ -28,8 +28,8 @@ GPU_CLASSES = (80, 89, 90)
 
 # TRITON_INTERPRET as this process set it, read once at import: Triton reads it when a kernel module is imported,
 # so a later change would not take effect anyway; and ``auto`` asks on every call (an environment lookup each time
-# is measurable per call on a CPU). A module constant, not functools.cache: torch.compile traces into this where a
-# refusal breaks the graph, and warns about every cache wrapper it traces through.
+# is measurable per call on a CPU). A constant, not a cached function: see _compiling.probe_cache for why not
+# functools.cache.
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -42,7 +42,7 @@ if interpreter_enabled():
     _dispatch.register_cpu_backend("triton")
 
 
-@functools.cache
+@probe_cache
 def _import_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton: the triton package is not installed (pip install 'ptfast[triton]')"
@@ -54,7 +54,7 @@ def _import_reason() -> str | None:
     return None
 
 
-@functools.cache
+@probe_cache
 def _capability_reason(index: int) -> str | None:
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) < MIN_CAPABILITY:
@@ -172,7 +172,7 @@ def device_class(device: torch.device) -> int:
     return _class_of_index(index)
 
 
-@functools.cache
+@probe_cache
 def _class_of_index(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     optin = getattr(props, "shared_memory_per_block_optin", None)
