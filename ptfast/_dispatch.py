@@ -147,7 +147,7 @@ def choose(
     op: str,
     impls: Mapping[str, BackendImpl],
     auto_order: tuple[str, ...],
-    fault_key: tuple = (),
+    fault_key: tuple | Callable[[], tuple] = (),
     *,
     device: object = None,
     shape_class: str | None = None,

@@ -462,7 +462,8 @@ def _is_identified(identity: tuple, mask: Tensor | None) -> bool:
     ref, version = identity
     if mask is None:
         return ref is None
-    if not isinstance(ref, weakref.ref) or ref() is not mask or mask.is_inference():
+    # An inference tensor was never given a weak reference (see _mask_identity), so it never matches here.
+    if not isinstance(ref, weakref.ref) or ref() is not mask:
         return False
     return mask._version == version
 
