@@ -13,7 +13,6 @@ the same Python costs several times more, which is what the interleaved benchmar
 from __future__ import annotations
 
 import argparse
-import time
 import timeit
 from collections.abc import Callable
 
@@ -95,15 +94,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write a markdown table here")
     args = ap.parse_args()
 
-    from benchmarks.env import cpu_report_head, git_commit, write_report
+    from benchmarks.env import cpu_report_head, run_start, write_report
 
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started, commit = run_start()
     rows = measure(args.calls, args.repeats)
     lines = cpu_report_head(
         "Per-call overhead on CPU: what a ptfast call adds to stock PyTorch (tiny inputs, warm)",
         "benchmarks.cpu_call_overhead",
         started,
-        git_commit(),
+        commit,
         f"fp32 · fastest of {args.repeats} alternating blocks of {args.calls} calls",
     )
     lines += [

@@ -102,15 +102,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write a markdown table here")
     args = ap.parse_args()
 
-    from benchmarks.env import cpu_report_head, git_commit, write_report
+    from benchmarks.env import cpu_report_head, run_start, write_report
 
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started, commit = run_start()
     rows = measure(args.rounds, args.inner, args.batch, args.width)
     lines = cpu_report_head(
         "CNN training step on CPU: NCHW against channels-last, stock and ptfast.patch",
         "benchmarks.cpu_cnn_layout",
         started,
-        git_commit(),
+        commit,
         f"fp32 · batch {args.batch} of 1x32x32 images · {args.rounds} rounds, best of {args.inner} per round",
     )
     lines += [

@@ -77,14 +77,14 @@ def main() -> None:
         print(json.dumps(_one(provider, how, int(tokens), args.steps)))
         return
 
-    from benchmarks.env import cpu_report_head, git_commit, write_report
+    from benchmarks.env import cpu_report_head, run_start, write_report
 
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started, commit = run_start()
     lines = cpu_report_head(
         "Masked-LM head on CPU: step time and peak memory, one process per measurement",
         "benchmarks.cpu_head_memory",
         started,
-        git_commit(),
+        commit,
         f"BERT-base's head (E{EMB}, V{VOCAB}), 15% of the tokens labelled · median of {args.steps} consecutive "
         "fwd+bwd steps",
     )

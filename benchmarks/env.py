@@ -61,6 +61,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_start() -> tuple[str, str]:
+    """(UTC date and time, commit) at the start of a CPU run, for :func:`cpu_report_head`: a result file names
+    the commit that was measured, read before the measurement."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), git_commit()
+
+
 def cpu_report_head(title: str, module: str, started: str, commit: str, details: str) -> list[str]:
     """The opening lines of a CPU result file (``benchmarks.interleaved``, ``cpu_call_overhead``,
     ``cpu_head_memory``): title, machine, versions, date, commit, what each number is, and the command as it was

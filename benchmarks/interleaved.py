@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ptfast
-from benchmarks.env import cpu_report_head, git_commit, write_report
+from benchmarks.env import cpu_report_head, run_start, write_report
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -255,8 +255,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="only the rows whose name contains this text")
     ap.add_argument("--out", default=None, help="write a markdown table here")
     args = ap.parse_args()
-    commit = git_commit()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started, commit = run_start()
     results = measure(args.rounds, args.inner, args.only)
     lines = cpu_report_head(
         "ptfast vs stock PyTorch on CPU, interleaved (speed ratio: stock time / ptfast time, > 1 = ptfast faster)",
